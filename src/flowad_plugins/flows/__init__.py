@@ -1,0 +1,13 @@
+"""Invertible building blocks shared by the three flow heads."""
+
+from .coupling import conv_flow, conv_subnet, fiber_flow, linear_subnet
+from .positional import PositionalEncoding2D, positional_encoding_2d
+
+__all__ = [
+    "PositionalEncoding2D",
+    "conv_flow",
+    "conv_subnet",
+    "fiber_flow",
+    "linear_subnet",
+    "positional_encoding_2d",
+]

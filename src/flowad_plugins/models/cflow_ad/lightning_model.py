@@ -1,0 +1,133 @@
+"""CFLOW-AD as an anomalib ``AnomalibModule``: ``anomalib train --model flowad_plugins.CflowAD``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+from torch.nn import functional as F
+
+from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.schedules import warmup_cosine
+
+from .torch_model import CflowADModel
+
+
+class CflowAD(FlowAnomalibModule):
+    """CFLOW-AD (Gudovskiy et al., WACV 2022) with batch-independent, train-statistics scoring.
+
+    Training decodes every fiber of an image batch: the fibers of each layer are shuffled and split
+    into ``fiber_batch_size`` chunks; each chunk (all layers together) is one Adam step. The LR warms
+    up linearly, then decays on a cosine over the whole run.
+
+    Args:
+        backbone: timm model name (any CNN with ``feature_info``).
+        layers: backbone layers, shallow to deep.
+        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
+        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
+        condition_dim: positional-encoding size (multiple of 4).
+        coupling_blocks: AllInOneBlocks per decoder.
+        clamp_alpha: soft clamp of the affine coupling.
+        permute_soft: random orthogonal channel mixing between blocks (paper) instead of permutations.
+        fiber_batch_size: fibers per optimizer step (paper: 256).
+        lr: Adam learning rate (peak of the schedule).
+        warmup_fraction: share of the training steps spent on the linear warm-up.
+        inference_chunk_size: fibers per vectorised pass at inference (bounds memory only).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3", "layer4"),
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        condition_dim: int = 128,
+        coupling_blocks: int = 8,
+        clamp_alpha: float = 1.9,
+        permute_soft: bool = True,
+        fiber_batch_size: int = 2048,
+        lr: float = 1e-3,
+        warmup_fraction: float = 0.05,
+        inference_chunk_size: int = 65536,
+        blur_sigma: float = 0.0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if fiber_batch_size < 1:
+            msg = f"fiber_batch_size must be ≥ 1, got {fiber_batch_size}."
+            raise ValueError(msg)
+        self.model = CflowADModel(
+            backbone=backbone,
+            layers=list(layers),
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            condition_dim=condition_dim,
+            coupling_blocks=coupling_blocks,
+            clamp_alpha=clamp_alpha,
+            permute_soft=permute_soft,
+            inference_chunk_size=inference_chunk_size,
+            blur_sigma=blur_sigma,
+        )
+        self.fiber_batch_size = fiber_batch_size
+        self.lr = lr
+        self.warmup_fraction = warmup_fraction
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """Adam on the decoders; warm-up + cosine stepped once per training batch."""
+        optimizer = torch.optim.Adam(self.model.decoders.parameters(), lr=self.lr)
+        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, self.warmup_fraction)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Fit the decoders on all fibers of the batch, ``fiber_batch_size`` fibers per Adam step."""
+        del args, kwargs
+        optimizer = self.optimizers()
+        features = self.model.encoder(batch.image)
+        fibers = [self.model.fibers(feature_map) for feature_map in features]
+        steps = max(math.ceil(layer_fibers.shape[0] / self.fiber_batch_size) for layer_fibers, _ in fibers)
+        orders = [torch.randperm(layer_fibers.shape[0], device=layer_fibers.device).chunk(steps)
+                  for layer_fibers, _ in fibers]
+        total_loss = torch.zeros((), device=batch.image.device)
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.zeros((), device=batch.image.device)
+            for layer, ((layer_fibers, conditions), order) in enumerate(zip(fibers, orders, strict=True)):
+                if step >= len(order):  # torch.chunk may return fewer chunks for a small layer
+                    continue
+                index = order[step]
+                log_likelihood = self.model.fiber_log_likelihood(layer, layer_fibers[index], conditions[index])
+                loss = loss + (-F.logsigmoid(log_likelihood)).mean()
+                self.model.scorer.statistics.update(layer, log_likelihood)
+            self.check_finite_loss(loss)
+            self.manual_backward(loss)
+            optimizer.step()
+            total_loss += loss.detach()
+        self.lr_schedulers().step()
+        mean_loss = total_loss / steps
+        self.log("train_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+        return {"loss": mean_loss}
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping by Lightning (manual optimization); no sanity validation."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

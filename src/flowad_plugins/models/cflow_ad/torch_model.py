@@ -1,0 +1,108 @@
+"""CFLOW-AD torch model: frozen encoder → one conditional fiber flow per layer → shared scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from flowad_plugins.backbones import FeatureExtractor
+from flowad_plugins.flows import PositionalEncoding2D, fiber_flow
+from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
+
+
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class CflowADModel(nn.Module):
+    """CFLOW-AD as a plain ``nn.Module``.
+
+    Every spatial position of a feature map is a *fiber* ``x ∈ R^C``; the decoder of layer ``l`` is a
+    coupling flow on fibers conditioned on the 2D positional encoding of the position. In eval mode
+    ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``.
+
+    Args:
+        backbone: timm model name.
+        layers: backbone layers, shallow to deep.
+        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
+        backbone_weights: local weights file for the backbone.
+        condition_dim: size of the positional condition (multiple of 4).
+        coupling_blocks: AllInOneBlocks per decoder.
+        clamp_alpha: soft clamp of the coupling scale.
+        permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
+        inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3", "layer4"),
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        condition_dim: int = 128,
+        coupling_blocks: int = 8,
+        clamp_alpha: float = 1.9,
+        permute_soft: bool = True,
+        inference_chunk_size: int = 65536,
+        blur_sigma: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if inference_chunk_size < 1:
+            msg = f"inference_chunk_size must be ≥ 1, got {inference_chunk_size}."
+            raise ValueError(msg)
+        self.encoder = FeatureExtractor(backbone, layers, pre_trained=pre_trained, backbone_weights=backbone_weights)
+        self.positional_encoding = PositionalEncoding2D(condition_dim)
+        self.decoders = nn.ModuleList(
+            fiber_flow(channels, coupling_blocks, clamp_alpha, condition_dim=condition_dim, permute_soft=permute_soft)
+            for channels in self.encoder.channels
+        )
+        self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
+        self.inference_chunk_size = inference_chunk_size
+
+    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their conditions ``(B·h·w)×P``."""
+        batch, channels, height, width = features.shape
+        fibers = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        conditions = self.positional_encoding(height, width, features.device)
+        conditions = conditions.unsqueeze(0).expand(batch, -1, -1).reshape(-1, conditions.shape[-1])
+        return fibers, conditions
+
+    def fiber_log_likelihood(self, layer: int, fibers: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood per dimension ``N`` of fibers ``N×C`` under decoder ``layer``."""
+        z, log_jac_det = self.decoders[layer](fibers, c=[conditions])
+        return gaussian_log_likelihood(z, log_jac_det)
+
+    def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one pass per chunk."""
+        maps = []
+        for layer, feature_map in enumerate(features):
+            batch, _, height, width = feature_map.shape
+            fibers, conditions = self.fibers(feature_map)
+            if _is_exporting() or fibers.shape[0] <= self.inference_chunk_size:
+                log_likelihood = self.fiber_log_likelihood(layer, fibers, conditions)
+            else:
+                log_likelihood = torch.cat([
+                    self.fiber_log_likelihood(layer, fiber_chunk, condition_chunk)
+                    for fiber_chunk, condition_chunk in zip(
+                        fibers.split(self.inference_chunk_size),
+                        conditions.split(self.inference_chunk_size),
+                        strict=True,
+                    )
+                ])
+            maps.append(log_likelihood.reshape(batch, height, width))
+        return maps
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | list[torch.Tensor]:
+        """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
+        if not _is_exporting():
+            self.encoder.check_input_size(tuple(images.shape[-2:]))
+        features = self.encoder(images)
+        if self.training:
+            return features
+        with torch.no_grad():
+            return self.scorer(self.log_likelihood_maps(features), images.shape[-2:])

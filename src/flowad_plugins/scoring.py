@@ -1,0 +1,119 @@
+"""Likelihood → anomaly map and image score, normalised with statistics of normal training data.
+
+Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` (higher = more normal).
+``LikelihoodStatistics`` learns the mean and standard deviation of those values on normal training
+data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` turns the
+maps into a standardised negative log-likelihood per scale, upsamples each to the input size and
+averages them: ``anomaly_map B×1×H×W``; the image score is the map's maximum. Nothing depends on
+the other images of a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from anomalib.data import InferenceBatch
+from anomalib.models.components import GaussianBlur2d
+from torch import nn
+from torch.nn import functional as F
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_likelihood(z: torch.Tensor, log_jac_det: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """Log-likelihood per dimension under a standard normal latent.
+
+    ``(log|det J| − ½‖z‖² − ½·C·log 2π) / C``: ``z`` is ``N×C`` (fibers) or ``B×C×h×w`` with ``log_jac_det``
+    broadcastable to the result (``N``, or ``B×h×w``, or a scalar 0 when the head ignores it).
+    Computed in float32 whatever the input precision.
+    """
+    z = z.float()
+    channels = z.shape[channel_dim]
+    return (log_jac_det.float() - 0.5 * z.pow(2).sum(dim=channel_dim)) / channels - HALF_LOG_2PI
+
+
+class LikelihoodStatistics(nn.Module):
+    """Mean and standard deviation of the log-likelihood of normal data, one pair per scale.
+
+    Accumulate with ``update(scale, values)`` during a training epoch, then ``commit()`` writes the
+    buffers ``mean``/``std`` (summed across processes under DDP). ``fitted`` is 1 once committed.
+    """
+
+    def __init__(self, num_scales: int) -> None:
+        super().__init__()
+        self.num_scales = num_scales
+        self.register_buffer("mean", torch.zeros(num_scales))
+        self.register_buffer("std", torch.ones(num_scales))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._sums = torch.zeros(num_scales, 3, dtype=torch.float64)  # count, Σx, Σx² (not saved)
+
+    def reset(self) -> None:
+        """Forget the values accumulated since the last ``commit``."""
+        self._sums = torch.zeros(self.num_scales, 3, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, scale: int, values: torch.Tensor) -> None:
+        """Add the log-likelihoods ``values`` (any shape) of normal data at ``scale``."""
+        values = values.detach().double().flatten().cpu()
+        self._sums[scale] += torch.stack([torch.tensor(values.numel(), dtype=torch.float64), values.sum(),
+                                          values.pow(2).sum()])
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write ``mean``/``std`` from the accumulated sums; no-op when nothing was accumulated."""
+        sums = self._sums.to(self.mean.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        count = sums[:, 0]
+        if bool((count < 2).any()):
+            return
+        mean = sums[:, 1] / count
+        variance = (sums[:, 2] / count - mean.pow(2)).clamp_min(1e-12)
+        self.mean.copy_(mean.float())
+        self.std.copy_(variance.sqrt().float())
+        self.fitted.fill_(True)
+        self.reset()
+
+
+class AnomalyScorer(nn.Module):
+    """Combine per-scale log-likelihood maps into an anomaly map ``B×1×H×W`` and score ``B``.
+
+    Args:
+        num_scales: number of log-likelihood maps per image.
+        blur_sigma: standard deviation (input pixels) of a Gaussian smoothing of the final map; 0 = none.
+    """
+
+    def __init__(self, num_scales: int, blur_sigma: float = 0.0) -> None:
+        super().__init__()
+        self.statistics = LikelihoodStatistics(num_scales)
+        self.blur_sigma = blur_sigma
+
+    @property
+    def blur_sigma(self) -> float:
+        """Standard deviation of the map's Gaussian smoothing in input pixels (0 = none)."""
+        return self._blur_sigma
+
+    @blur_sigma.setter
+    def blur_sigma(self, sigma: float) -> None:
+        if sigma < 0:
+            msg = f"blur_sigma must be ≥ 0, got {sigma}."
+            raise ValueError(msg)
+        self._blur_sigma = float(sigma)
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
+
+    def forward(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
+        """``log_likelihoods[l]``: ``B×h_l×w_l``; ``output_size``: ``(H, W)`` of the input images."""
+        stats = self.statistics
+        maps = []
+        for scale, log_likelihood in enumerate(log_likelihoods):
+            standardised = (stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
+            maps.append(
+                F.interpolate(standardised.unsqueeze(1), size=tuple(output_size), mode="bilinear",
+                              align_corners=False)
+            )
+        anomaly_map = self.blur(torch.stack(maps, dim=0).mean(dim=0))
+        pred_score = anomaly_map.flatten(1).amax(dim=1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,49 @@
+"""Scoring: train-statistics normalisation, batch independence, rank-preserving post-processing."""
+
+from __future__ import annotations
+
+import torch
+
+from flowad_plugins.post_processing import FlowPostProcessor
+from flowad_plugins.scoring import AnomalyScorer, LikelihoodStatistics, gaussian_log_likelihood
+
+
+def test_gaussian_log_likelihood_is_the_standard_normal_density_per_dimension() -> None:
+    z = torch.randn(10, 3)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1) / 3
+    torch.testing.assert_close(gaussian_log_likelihood(z, torch.zeros(10)), expected)
+
+
+def test_statistics_accumulate_then_commit_mean_and_std() -> None:
+    stats = LikelihoodStatistics(num_scales=2)
+    values = torch.randn(1000) * 3 + 5
+    stats.update(0, values[:400])
+    stats.update(0, values[400:])
+    stats.update(1, torch.ones(10))
+    assert not bool(stats.fitted)
+    stats.commit()
+    assert bool(stats.fitted)
+    assert abs(stats.mean[0].item() - values.double().mean().item()) < 1e-4
+    assert abs(stats.std[0].item() - values.double().std(unbiased=False).item()) < 1e-3
+    assert stats.mean[1].item() == 1.0
+
+
+def test_scorer_standardises_upsamples_and_takes_the_max() -> None:
+    scorer = AnomalyScorer(num_scales=2)
+    scorer.statistics.mean.copy_(torch.tensor([1.0, -1.0]))
+    scorer.statistics.std.copy_(torch.tensor([2.0, 0.5]))
+    maps = [torch.full((2, 4, 4), 1.0), torch.full((2, 2, 2), -2.0)]
+    maps[0][1, 0, 0] = -9.0  # one low-likelihood position in image 1
+    output = scorer(maps, (8, 8))
+    assert output.anomaly_map.shape == (2, 1, 8, 8)
+    # image 0: scale 0 → 0, scale 1 → (−1 − (−2))/0.5 = 2, mean 1 everywhere
+    torch.testing.assert_close(output.anomaly_map[0], torch.ones(1, 8, 8))
+    assert output.pred_score[1] > output.pred_score[0] == 1.0
+
+
+def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> None:
+    scores = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.4, 0.5, 0.6, 1.0, 50.0, 1e4])
+    normalized = FlowPostProcessor._normalize(scores, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.5))
+    assert torch.all(normalized[1:] > normalized[:-1])
+    assert torch.all((normalized > 0) & (normalized < 1))
+    assert normalized[5].item() == 0.5
