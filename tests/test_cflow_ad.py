@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
 from conftest import TINY_CFLOW
+from lightning.pytorch import seed_everything
 
 from flowad_plugins import CflowAD
 from flowad_plugins.models.common import NonFiniteLossError
