@@ -23,11 +23,30 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 
-def build_model(name: str, init: dict):
+def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = False):
+    """Our class by name, or ``anomalib.<Name>`` for anomalib's built-in model.
+
+    anomalib's built-ins get our rank-preserving ``FlowPostProcessor`` unless asked otherwise: anomalib's
+    default clamps normalised scores to [0, 1] with the validation range, which creates ties and biases
+    AUROC/AUPRO downwards; the same post-processor for every model keeps the comparison fair.
+    """
     if name.startswith("anomalib."):
         from anomalib.models import get_model
 
-        return get_model(name.removeprefix("anomalib."), **init)
+        from flowad_plugins.post_processing import FlowPostProcessor
+
+        from flowad_plugins.backbones import load_backbone_weights
+
+        if not keep_anomalib_post_processor:
+            init = {**init, "post_processor": FlowPostProcessor()}
+        # anomalib's extractor would download ImageNet weights (impossible offline): build it without, then load
+        # the same weights our models use (offline package or --init backbone_weights=...).
+        weights = init.pop("backbone_weights", None)
+        model = get_model(name.removeprefix("anomalib."), **{**init, "pre_trained": False})
+        extractor = model.model.feature_extractor if hasattr(model.model, "feature_extractor") else model.model.encoder
+        load_backbone_weights(getattr(extractor, "feature_extractor", extractor), init["backbone"],
+                              backbone_weights=weights)
+        return model
     import flowad_plugins
 
     return getattr(flowad_plugins, name)(**init)
@@ -45,13 +64,15 @@ def main() -> None:
     parser.add_argument("--init", nargs="*", default=[], help="model init args key=yaml_value")
     parser.add_argument("--blur-sweep", type=float, nargs="*", default=[],
                         help="after training, also report validation metrics for these map blur sigmas")
+    parser.add_argument("--keep-anomalib-post-processor", action="store_true",
+                        help="evaluate anomalib's models with their own clamping post-processor")
     parser.add_argument("--skip-test", action="store_true", help="validation metrics only (for model selection)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args()
 
     seed_everything(args.seed, workers=True)
     init = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.init)}
-    model = build_model(args.model, init)
+    model = build_model(args.model, init, args.keep_anomalib_post_processor)
     if args.image_size != 256:
         model.pre_processor = model.configure_pre_processor((args.image_size, args.image_size))
     datamodule = MVTecAD(
@@ -76,6 +97,11 @@ def main() -> None:
         key = "validation" if sigma is None else f"validation_blur_{sigma:g}"
         validation[key] = {k: round(float(v), 4) for k, v in engine.validate(model=model, datamodule=datamodule,
                                                                               verbose=False)[0].items()}
+    if args.blur_sweep:  # choose the map smoothing on VALIDATION localisation metrics only
+        best = max(args.blur_sweep, key=lambda sigma: sum(
+            validation[f"validation_blur_{sigma:g}"].get(k, 0.0) for k in ("val_pixel_AUROC", "val_pixel_AUPRO")))
+        model.model.scorer.blur_sigma = best
+        validation["chosen_blur_sigma"] = best
     metrics = {} if args.skip_test else engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     result = {
         "model": args.model,

@@ -34,8 +34,8 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_pair(pair: str) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
-    """Return (settings, ours, anomalib's) torch models in eval mode."""
+def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """Return (settings, ours, anomalib's) torch models in eval mode (``image_size``: for models built for one)."""
     if pair == "cflow":
         from anomalib.models.image.cflow.torch_model import CflowModel
 
@@ -48,8 +48,45 @@ def build_pair(pair: str) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
         theirs = CflowModel(backbone=settings["backbone"], layers=settings["layers"], pre_trained=False,
                             coupling_blocks=8, condition_vector=128, clamp_alpha=1.9, permute_soft=False)
         return settings, ours.eval(), theirs.eval()
-    msg = f"Unknown pair={pair!r}; allowed: ['cflow']."
+    if pair == "csflow":
+        from unittest import mock
+
+        import torchvision
+        from anomalib.models.image.csflow import torch_model as anomalib_csflow
+
+        from flowad_plugins.models.cs_flow import CSFlowModel
+
+        # anomalib's Csflow at its own defaults (EfficientNet-B5 features.6.8, 304 channels, subnet width 1024,
+        # 4 blocks, clamp 3); it always downloads B5 weights, so build it with random ones (same work).
+        settings = {"ours": "CSFlowModel() defaults: efficientnet_lite0 blocks.4, width = 112 channels, 4 blocks",
+                    "anomalib": "CsFlowModel(input_size, cross_conv_hidden_channels=1024), EfficientNet-B5"}
+
+        def random_b5(*_, **kwargs):
+            kwargs.pop("weights", None)
+            return torchvision.models.efficientnet_b5(weights=None, **kwargs)
+
+        ours = CSFlowModel()
+        with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5):
+            theirs = anomalib_csflow.CsFlowModel(input_size=(image_size, image_size), cross_conv_hidden_channels=1024)
+        return settings, ours.eval(), theirs.eval()
+    msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow']."
     raise ValueError(msg)
+
+
+def state_dict_sizes(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:
+    """Sizes of both models' state dicts saved with ``torch.save`` (MB) and their parameter counts."""
+    import tempfile
+
+    sizes = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model in (("ours", ours), ("anomalib", theirs)):
+            path = Path(folder) / f"{name}.pt"
+            torch.save(model.state_dict(), path)
+            sizes[f"{name}_mb"] = round(path.stat().st_size / 2**20, 1)
+            sizes[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+            path.unlink()
+    sizes["ours_over_anomalib"] = round(sizes["ours_mb"] / sizes["anomalib_mb"], 4)
+    return sizes
 
 
 def time_model(model: torch.nn.Module, images: torch.Tensor, warmup: int, repeats: int) -> list[float]:
@@ -66,7 +103,7 @@ def time_model(model: torch.nn.Module, images: torch.Tensor, warmup: int, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="cflow", choices=["cflow"])
+    parser.add_argument("--pair", default="cflow", choices=["cflow", "csflow"])
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=2)
@@ -74,7 +111,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    settings, ours, theirs = build_pair(args.pair)
+    settings, ours, theirs = build_pair(args.pair, args.image_size)
+    sizes = state_dict_sizes(ours, theirs)
     rows = []
     for batch_size in track(args.batch_sizes, description=f"timing {args.pair}"):
         images = torch.randn(batch_size, 3, args.image_size, args.image_size)
@@ -93,6 +131,7 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "rows": rows,
+        "state_dict_files": sizes,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.pair}_cpu_speed.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -108,6 +147,10 @@ def main() -> None:
     ]
     lines += [f"| {r['batch_size']} | {r['ours_ms']} | {r['anomalib_ms']} | {r['ours_img_per_s']} | "
               f"{r['anomalib_img_per_s']} | **{r['speedup']}×** |" for r in rows]
+    lines += ["", f"Saved state-dict files (torch.save): ours {sizes['ours_mb']} MB, "
+              f"anomalib {sizes['anomalib_mb']} MB "
+              f"(ours = {sizes['ours_over_anomalib']} × anomalib's); parameters: ours {sizes['ours_parameters']:,}, "
+              f"anomalib {sizes['anomalib_parameters']:,}."]
     (RESULTS / f"{args.pair}_cpu_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -47,3 +47,12 @@ def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> N
     assert torch.all(normalized[1:] > normalized[:-1])
     assert torch.all((normalized > 0) & (normalized < 1))
     assert normalized[5].item() == 0.5
+
+
+def test_smoothing_changes_the_map_but_not_the_image_score() -> None:
+    maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4)]
+    sharp, smooth = AnomalyScorer(2, blur_sigma=0.0), AnomalyScorer(2, blur_sigma=2.0)
+    sharp_out, smooth_out = sharp(maps, (32, 32)), smooth(maps, (32, 32))
+    torch.testing.assert_close(smooth_out.pred_score, sharp_out.pred_score)
+    assert not torch.allclose(smooth_out.anomaly_map, sharp_out.anomaly_map)
+    assert smooth_out.anomaly_map.shape == (2, 1, 32, 32)

@@ -4,7 +4,7 @@
 ``Engine().fit(flowad_plugins.CflowAD(...), datamodule=...)``.
 """
 
-from flowad_plugins.models import CflowAD
+from flowad_plugins.models import CflowAD, CSFlow
 
-__all__ = ["CflowAD"]
+__all__ = ["CSFlow", "CflowAD"]
 __version__ = "0.1.0"

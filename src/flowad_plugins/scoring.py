@@ -4,8 +4,9 @@ Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` 
 ``LikelihoodStatistics`` learns the mean and standard deviation of those values on normal training
 data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` turns the
 maps into a standardised negative log-likelihood per scale, upsamples each to the input size and
-averages them: ``anomaly_map B×1×H×W``; the image score is the map's maximum. Nothing depends on
-the other images of a batch.
+averages them, then optionally smooths them (``blur_sigma``): ``anomaly_map B×1×H×W``. The image score
+is the maximum of the unsmoothed map (as PatchCore does), so smoothing serves localisation only.
+Nothing depends on the other images of a batch.
 """
 
 from __future__ import annotations
@@ -114,6 +115,6 @@ class AnomalyScorer(nn.Module):
                 F.interpolate(standardised.unsqueeze(1), size=tuple(output_size), mode="bilinear",
                               align_corners=False)
             )
-        anomaly_map = self.blur(torch.stack(maps, dim=0).mean(dim=0))
-        pred_score = anomaly_map.flatten(1).amax(dim=1)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        combined = torch.stack(maps, dim=0).mean(dim=0)
+        pred_score = combined.flatten(1).amax(dim=1)  # from the unsmoothed map: blur must not dilute small defects
+        return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(combined))

@@ -1,5 +1,6 @@
 """The three flow models; each folder holds ``torch_model.py`` (nn.Module) and ``lightning_model.py``."""
 
 from .cflow_ad import CflowAD
+from .cs_flow import CSFlow
 
-__all__ = ["CflowAD"]
+__all__ = ["CSFlow", "CflowAD"]

@@ -1,0 +1,217 @@
+"""Cross-scale coupling flow of CS-Flow (Rudolph et al., WACV 2022), in plain torch with an explicit inverse.
+
+The flow acts jointly on ``S`` feature maps of one image at ``S`` scales, ``x_l: B×C×h_l×w_l`` with
+``h_{l+1} = ⌈h_l/2⌉`` (scale 0 = full resolution). Each coupling block splits the channels into two halves
+``(a, b)`` at every scale and transforms them in turn::
+
+    a_l ← a_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_1(b_0 … b_{S-1})
+    b_l ← b_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_2(a_0 … a_{S-1})   (the updated a)
+
+with the soft clamp ``σ(s) = (2α/π)·atan(s/α)`` (|σ| < α). A subnet (``CrossScaleSubnet``) sees all scales
+at once: a per-scale conv to the hidden width, then per output scale the sum of a same-scale conv, a
+strided conv from the next finer scale and an (upsampled) conv from the next coarser scale. A learnable
+per-scale gain, initialised to 0, makes every block the identity at initialisation. A fixed random channel
+permutation (the same for all scales, seeded) precedes every block. The log-determinant is exact: the sum
+of ``σ(s)`` over every transformed element.
+
+``flow(xs) -> (zs, log|det J| B)``; ``flow.inverse(zs) -> xs``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["CrossScaleCoupling", "CrossScaleFlow", "CrossScaleSubnet", "soft_clamp"]
+
+
+def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """CS-Flow's soft clamp ``(2α/π)·atan(s/α)``: smooth, ≈ ``s`` near 0, bounded by ``±α``."""
+    return (2 * alpha / math.pi) * torch.atan(s / alpha)
+
+
+class CrossScaleSubnet(nn.Module):
+    """Subnet mixing ``num_scales`` maps: ``[B×c_in×h_l×w_l] -> [B×c_out×h_l×w_l]``.
+
+    Per scale ``l``: ``u_l = LeakyReLU(conv_in_l(x_l))`` (width ``hidden``), then
+    ``out_l = γ_l·(conv_same_l(u_l) + conv_down(u_{l-1}, stride 2) + up(conv_up(u_{l+1})))``. The coarser
+    scale is convolved at its own resolution, then upsampled bilinearly to ``h_l×w_l`` (cheaper than
+    convolving after upsampling). ``γ`` starts at 0.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int,
+                 num_scales: int = 3) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.num_scales = num_scales
+        self.conv_in = nn.ModuleList(
+            nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=padding) for _ in range(num_scales)
+        )
+        self.conv_same = nn.ModuleList(
+            nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding) for _ in range(num_scales)
+        )
+        # conv_down[l]: scale l -> l+1 (stride 2); conv_up[l]: scale l+1 -> l (then bilinear upsampling)
+        self.conv_down = nn.ModuleList(
+            nn.Conv2d(hidden_channels, out_channels, kernel_size, stride=2, padding=padding, bias=False)
+            for _ in range(num_scales - 1)
+        )
+        self.conv_up = nn.ModuleList(
+            nn.Conv2d(hidden_channels, out_channels, kernel_size, padding=padding, bias=False)
+            for _ in range(num_scales - 1)
+        )
+        self.gain = nn.Parameter(torch.zeros(num_scales))
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``inputs[l]``: ``B×c_in×h_l×w_l`` → ``[B×c_out×h_l×w_l]``."""
+        hidden = [F.leaky_relu(conv(x), 0.1) for conv, x in zip(self.conv_in, inputs, strict=True)]
+        outputs = []
+        for scale in range(self.num_scales):
+            out = self.conv_same[scale](hidden[scale])
+            if scale > 0:
+                out = out + self.conv_down[scale - 1](hidden[scale - 1])
+            if scale < self.num_scales - 1:
+                coarse = self.conv_up[scale](hidden[scale + 1])
+                out = out + F.interpolate(coarse, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(out * self.gain[scale])
+        return outputs
+
+
+class CrossScaleCoupling(nn.Module):
+    """One affine coupling block over all scales (two half-steps, see module docstring).
+
+    Args:
+        channels: feature channels ``C`` (≥ 2), the same at every scale.
+        hidden_channels: subnet width.
+        kernel_size: subnet convolution kernel (odd).
+        clamp_alpha: soft clamp ``α`` of the log-scale.
+        num_scales: number of scales ``S``.
+    """
+
+    def __init__(self, channels: int, hidden_channels: int, kernel_size: int, clamp_alpha: float,
+                 num_scales: int = 3) -> None:
+        super().__init__()
+        self.split = channels // 2
+        rest = channels - self.split
+        self.clamp_alpha = clamp_alpha
+        self.subnet_a = CrossScaleSubnet(rest, 2 * self.split, hidden_channels, kernel_size, num_scales)
+        self.subnet_b = CrossScaleSubnet(self.split, 2 * rest, hidden_channels, kernel_size, num_scales)
+
+    def _affine(self, subnet: CrossScaleSubnet, condition: list[torch.Tensor], targets: list[torch.Tensor],
+                rev: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Transform ``targets`` with scale/shift from ``subnet(condition)``; return them and Σσ(s) per image."""
+        outputs, log_det = [], torch.zeros((), device=targets[0].device, dtype=targets[0].dtype)
+        for params, target in zip(subnet(condition), targets, strict=True):
+            log_scale, shift = params.chunk(2, dim=1)
+            log_scale = soft_clamp(log_scale, self.clamp_alpha)
+            if rev:
+                outputs.append((target - shift) * torch.exp(-log_scale))
+            else:
+                outputs.append(target * torch.exp(log_scale) + shift)
+            log_det = log_det + log_scale.flatten(1).sum(dim=1)
+        return outputs, log_det
+
+    def forward(self, inputs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``inputs[l]``: ``B×C×h_l×w_l`` → (outputs of the same shapes, log|det J| ``B``; negated when ``rev``)."""
+        a = [x[:, : self.split] for x in inputs]
+        b = [x[:, self.split :] for x in inputs]
+        if not rev:
+            a, log_det_a = self._affine(self.subnet_a, b, a, rev=False)
+            b, log_det_b = self._affine(self.subnet_b, a, b, rev=False)
+            log_det = log_det_a + log_det_b
+        else:
+            b, log_det_b = self._affine(self.subnet_b, a, b, rev=True)
+            a, log_det_a = self._affine(self.subnet_a, b, a, rev=True)
+            log_det = -(log_det_a + log_det_b)
+        return [torch.cat(pair, dim=1) for pair in zip(a, b, strict=True)], log_det
+
+
+class CrossScaleFlow(nn.Module):
+    """CS-Flow: ``coupling_blocks`` × (fixed channel permutation → ``CrossScaleCoupling``).
+
+    Args:
+        channels: feature channels ``C`` at every scale (≥ 2).
+        num_scales: number of scales ``S`` (≥ 2).
+        coupling_blocks: number of blocks.
+        kernel_sizes: subnet kernel of each block (odd; length ``coupling_blocks``). ``None``: 3 for all but
+            the last block, 5 for the last (the paper's ``[3, 3, 3, 5]``).
+        hidden_channels: subnet width; ``None`` ties it to ``channels`` (compact). The paper uses 1024.
+        clamp_alpha: soft clamp ``α`` (paper: 3).
+        seed: seed of the fixed channel permutations.
+
+    Shapes: ``forward([B×C×h_l×w_l] * S) -> ([B×C×h_l×w_l] * S, log|det J| B)``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_scales: int = 3,
+        coupling_blocks: int = 4,
+        kernel_sizes: Sequence[int] | None = None,
+        hidden_channels: int | None = None,
+        clamp_alpha: float = 3.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_int_at_least(channels=(channels, 2), num_scales=(num_scales, 2), coupling_blocks=(coupling_blocks, 1))
+        if kernel_sizes is None:
+            kernel_sizes = [3] * (coupling_blocks - 1) + [5]
+        kernel_sizes = [int(k) for k in kernel_sizes]
+        if len(kernel_sizes) != coupling_blocks or any(k < 1 or k % 2 == 0 for k in kernel_sizes):
+            msg = (
+                f"kernel_sizes={kernel_sizes} must list one odd positive kernel size per coupling block "
+                f"(coupling_blocks={coupling_blocks}), e.g. {[3] * (coupling_blocks - 1) + [5]}."
+            )
+            raise ValueError(msg)
+        hidden_channels = channels if hidden_channels is None else int(hidden_channels)
+        _check_int_at_least(hidden_channels=(hidden_channels, 1))
+        if not clamp_alpha > 0:
+            msg = f"clamp_alpha must be positive, got {clamp_alpha}."
+            raise ValueError(msg)
+        self.channels = channels
+        self.num_scales = num_scales
+        self.kernel_sizes = kernel_sizes
+        self.hidden_channels = hidden_channels
+        generator = torch.Generator().manual_seed(seed)
+        permutations = torch.stack([torch.randperm(channels, generator=generator) for _ in range(coupling_blocks)])
+        self.register_buffer("permutations", permutations)
+        self.register_buffer("inverse_permutations", permutations.argsort(dim=1))
+        self.blocks = nn.ModuleList(
+            CrossScaleCoupling(channels, hidden_channels, kernel, clamp_alpha, num_scales) for kernel in kernel_sizes
+        )
+
+    def _check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
+        if len(inputs) != self.num_scales or any(x.ndim != 4 or x.shape[1] != self.channels for x in inputs):
+            shapes = [tuple(x.shape) for x in inputs]
+            msg = f"Expected {self.num_scales} maps B×{self.channels}×h×w (fine to coarse), got shapes {shapes}."
+            raise ValueError(msg)
+
+    def forward(self, inputs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Map features to latents (``rev=False``) or latents to features (``rev=True``), with log|det J| ``B``."""
+        self._check_inputs(inputs)
+        values = list(inputs)
+        log_det = torch.zeros(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
+        if not rev:
+            for permutation, block in zip(self.permutations, self.blocks, strict=True):
+                values, block_log_det = block([x[:, permutation] for x in values])
+                log_det = log_det + block_log_det
+        else:
+            for inverse, block in zip(reversed(self.inverse_permutations), reversed(self.blocks), strict=True):
+                values, block_log_det = block(values, rev=True)
+                values = [x[:, inverse] for x in values]
+                log_det = log_det + block_log_det
+        return values, log_det
+
+    def inverse(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Features ``[B×C×h_l×w_l]`` whose latents are ``latents``."""
+        return self(latents, rev=True)[0]
+
+
+def _check_int_at_least(**values: tuple[int, int]) -> None:
+    for name, (value, minimum) in values.items():
+        if int(value) != value or value < minimum:
+            msg = f"{name} must be an integer ≥ {minimum}, got {value}."
+            raise ValueError(msg)

@@ -1,0 +1,137 @@
+"""CS-Flow as an anomalib ``AnomalibModule``: ``anomalib train --model flowad_plugins.CSFlow``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+
+from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.schedules import warmup_cosine
+
+from .torch_model import CSFlowModel
+
+
+class CSFlow(FlowAnomalibModule):
+    """CS-Flow (Rudolph et al., WACV 2022) with batch-independent, train-statistics scoring.
+
+    Loss (paper): ``mean_b (½‖z_b‖² − log|det J_b|) / D`` over all scales, ``D`` = latent size per image.
+    Adam with weight decay; Lightning clips the gradient norm to ``gradient_clip_norm`` (set here, not in
+    ``trainer:``, because anomalib lets a model's ``trainer_arguments`` override the trainer's). Optional
+    linear warm-up + cosine decay of the LR (``lr_schedule="cosine"``), stepped per batch.
+
+    Args:
+        backbone: timm CNN name.
+        layer: the one backbone layer used at every scale.
+        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
+        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
+        num_scales: input scales (full, 1/2, 1/4, …); paper: 3.
+        coupling_blocks: cross-scale coupling blocks; paper: 4.
+        kernel_sizes: subnet kernel per block; ``None`` = ``[3, …, 3, 5]`` (paper).
+        hidden_channels: subnet width; ``None`` = the layer's channels (compact default). Paper: 1024.
+        clamp_alpha: soft clamp ``α``; paper: 3.
+        lr: Adam learning rate (peak of the schedule); paper: 2e-4.
+        weight_decay: Adam weight decay; paper: 1e-5.
+        gradient_clip_norm: maximal gradient norm (0 = no clipping); paper: 1.
+        lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (warm-up, then cosine decay).
+        warmup_fraction: share of the steps spent on warm-up with ``lr_schedule="cosine"``.
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+    """
+
+    LR_SCHEDULES = ("constant", "cosine")
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layer: str = "blocks.4",
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        num_scales: int = 3,
+        coupling_blocks: int = 4,
+        kernel_sizes: Sequence[int] | None = None,
+        hidden_channels: int | None = None,
+        clamp_alpha: float = 3.0,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-5,
+        gradient_clip_norm: float = 1.0,
+        lr_schedule: str = "cosine",
+        warmup_fraction: float = 0.05,
+        blur_sigma: float = 0.0,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if lr_schedule not in self.LR_SCHEDULES:
+            msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(self.LR_SCHEDULES)}."
+            raise ValueError(msg)
+        for name, value in {"lr": lr, "weight_decay": weight_decay, "gradient_clip_norm": gradient_clip_norm}.items():
+            if not value >= 0 or (name == "lr" and value == 0):
+                msg = f"{name} must be {'positive' if name == 'lr' else '≥ 0'}, got {value}."
+                raise ValueError(msg)
+        self.model = CSFlowModel(
+            backbone=backbone,
+            layer=layer,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            num_scales=num_scales,
+            coupling_blocks=coupling_blocks,
+            kernel_sizes=kernel_sizes,
+            hidden_channels=hidden_channels,
+            clamp_alpha=clamp_alpha,
+            blur_sigma=blur_sigma,
+        )
+        if self.input_size is not None:
+            self.model.check_input_size(self.input_size)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.gradient_clip_norm = gradient_clip_norm
+        self.lr_schedule = lr_schedule
+        self.warmup_fraction = warmup_fraction
+
+    def on_fit_start(self) -> None:
+        """Fail early, with the parameter named, on an input size the backbone and 3 scales cannot use."""
+        if self.input_size is not None:
+            self.model.check_input_size(tuple(self.input_size))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | OptimizerLRSchedulerConfig:
+        """Adam (lr, weight decay) on the flow; optional warm-up + cosine stepped per batch."""
+        optimizer = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.lr_schedule == "constant":
+            return optimizer
+        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, self.warmup_fraction)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Negative log-likelihood per latent dimension; accumulate per-scale normal-data statistics."""
+        del args, kwargs
+        latents, log_jac_det = self.model(batch.image)
+        squared = sum(z.float().pow(2).flatten(1).sum(dim=1) for z in latents)
+        dimensions = sum(z[0].numel() for z in latents)
+        loss = ((0.5 * squared - log_jac_det.float()) / dimensions).mean()
+        self.check_finite_loss(loss)
+        for scale, log_likelihood in enumerate(self.model.log_likelihood_maps(latents)):
+            self.model.scorer.statistics.update(scale, log_likelihood.detach())
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": loss}
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Gradient-norm clipping (paper: 1) by Lightning; no sanity validation."""
+        return {"gradient_clip_val": self.gradient_clip_norm, "gradient_clip_algorithm": "norm",
+                "num_sanity_val_steps": 0}

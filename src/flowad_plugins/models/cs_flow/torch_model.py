@@ -1,0 +1,121 @@
+"""CS-Flow torch model: one frozen backbone layer at 3 input scales → cross-scale flow → shared scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+from torch.nn import functional as F
+
+from flowad_plugins.backbones import FeatureExtractor
+from flowad_plugins.flows import CrossScaleFlow
+from flowad_plugins.scoring import AnomalyScorer
+
+
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class CSFlowModel(nn.Module):
+    """CS-Flow (Rudolph et al., WACV 2022) as a plain ``nn.Module``.
+
+    The image is box-downsampled by 2 and 4 inside the model; the same backbone layer (stride ``r``) maps
+    the three images to ``B×C×H/r×W/r``, ``B×C×H/2r×W/2r``, ``B×C×H/4r×W/4r``; a ``CrossScaleFlow`` maps
+    them jointly to latents ``z_l``. The log-likelihood map of scale ``l`` is ``−‖z_l‖²/(2C)`` per position;
+    ``AnomalyScorer`` standardises it with normal-training statistics, upsamples and averages the scales.
+
+    In eval mode ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``;
+    in train mode ``(latents [B×C×h_l×w_l], log|det J| B)``.
+
+    Args:
+        backbone: timm CNN name.
+        layer: the backbone layer (``FeatureExtractor.available_layers(backbone)``).
+        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
+        backbone_weights: local weights file for the backbone.
+        num_scales: input scales (full, 1/2, 1/4, …); the paper uses 3.
+        coupling_blocks: cross-scale coupling blocks.
+        kernel_sizes: subnet kernel per block; ``None`` = ``[3, …, 3, 5]`` (paper).
+        hidden_channels: subnet width; ``None`` = the layer's channel count (compact). Paper: 1024.
+        clamp_alpha: soft clamp ``α`` (paper: 3).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layer: str = "blocks.4",
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        num_scales: int = 3,
+        coupling_blocks: int = 4,
+        kernel_sizes: Sequence[int] | None = None,
+        hidden_channels: int | None = None,
+        clamp_alpha: float = 3.0,
+        blur_sigma: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(layer, str):
+            msg = f"layer must be one backbone layer name (a string), got {layer!r}."
+            raise ValueError(msg)
+        if int(num_scales) != num_scales or num_scales < 2:
+            msg = f"num_scales must be an integer ≥ 2 (paper: 3), got {num_scales}."
+            raise ValueError(msg)
+        self.encoder = FeatureExtractor(backbone, [layer], pre_trained=pre_trained, backbone_weights=backbone_weights)
+        self.num_scales = int(num_scales)
+        self.flow = CrossScaleFlow(
+            channels=self.encoder.channels[0],
+            num_scales=self.num_scales,
+            coupling_blocks=coupling_blocks,
+            kernel_sizes=kernel_sizes,
+            hidden_channels=hidden_channels,
+            clamp_alpha=clamp_alpha,
+        )
+        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: backbone stride × 2^(num_scales−1)."""
+        return self.encoder.reductions[0] * 2 ** (self.num_scales - 1)
+
+    def check_input_size(self, input_size: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless ``input_size`` (H, W) is a positive multiple of ``size_multiple``."""
+        self.encoder.check_input_size(tuple(input_size), min_feature_size=1)
+        multiple = self.size_multiple
+        bad = [int(s) for s in input_size if int(s) % multiple or int(s) < multiple]
+        if bad:
+            nearest = {max(multiple, s // multiple * multiple) for s in bad} | {(s // multiple + 1) * multiple
+                                                                                 for s in bad}
+            msg = (
+                f"input_size={tuple(int(s) for s in input_size)} is not valid for CS-Flow with "
+                f"backbone={self.encoder.backbone_name!r}, layer={self.encoder.layers[0]!r}: height and width must be "
+                f"multiples of {multiple} (backbone stride {self.encoder.reductions[0]} × 2^{self.num_scales - 1} "
+                f"for {self.num_scales} scales). Nearest valid sizes: {sorted(nearest)}."
+            )
+            raise ValueError(msg)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features of ``images`` (B×3×H×W) at scales 1, 1/2, 1/4, …: ``[B×C×H/(r·2^l)×W/(r·2^l)]``."""
+        features = []
+        for scale in range(self.num_scales):
+            scaled = images if scale == 0 else F.avg_pool2d(images, kernel_size=2**scale)
+            features.append(self.encoder(scaled)[0])
+        return features
+
+    @staticmethod
+    def log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-scale maps ``B×h_l×w_l`` of ``−‖z‖²/(2C)`` (higher = more normal)."""
+        return [-0.5 * z.float().pow(2).mean(dim=1) for z in latents]
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
+        """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
+        if not _is_exporting():
+            self.check_input_size(images.shape[-2:])
+        features = self.features(images)
+        if self.training:
+            return self.flow(features)
+        with torch.no_grad():
+            latents, _ = self.flow(features)
+            return self.scorer(self.log_likelihood_maps(latents), images.shape[-2:])

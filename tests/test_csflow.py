@@ -1,0 +1,259 @@
+"""CSFlow: cross-scale flow invertibility and log-det, input sizes, Engine fit/test, CLI, error cases."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from flowad_plugins import CSFlow
+from flowad_plugins.flows import CrossScaleFlow, soft_clamp
+from flowad_plugins.models.common import NonFiniteLossError
+from flowad_plugins.models.cs_flow import CSFlowModel
+
+REPO = Path(__file__).resolve().parents[1]
+ANOMALIB = Path(sys.executable).with_name("anomalib")
+
+# efficientnet_lite0 (offline weights) layer blocks.2 (stride 8, 40 channels): 128 px → 16, 8, 4 positions.
+TINY_CSFLOW = {"backbone": "efficientnet_lite0", "layer": "blocks.2", "coupling_blocks": 2, "hidden_channels": 16,
+               "lr": 1e-3}
+
+
+def _model(size: tuple[int, int] = (128, 128), **overrides) -> CSFlow:
+    return CSFlow(pre_processor=CSFlow.configure_pre_processor(size), **{**TINY_CSFLOW, **overrides})
+
+
+def _engine(tmp_path: Path, **kwargs) -> Engine:
+    return Engine(max_epochs=1, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                  enable_progress_bar=False, **kwargs)
+
+
+def _random_flow(**kwargs) -> CrossScaleFlow:
+    """A float64 flow with random weights everywhere (its gains start at 0, i.e. at the identity)."""
+    flow = CrossScaleFlow(**kwargs).double()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.copy_(0.2 * torch.randn_like(parameter))
+    return flow
+
+
+def _pyramid(batch: int, channels: int, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    return [torch.randn(batch, channels, h, w, dtype=torch.float64) for h, w in sizes]
+
+
+# --- the flow -------------------------------------------------------------------------------------------------
+
+
+def test_soft_clamp_is_bounded_and_near_identity_at_zero() -> None:
+    s = torch.linspace(-100, 100, 1001)
+    clamped = soft_clamp(s, 3.0)
+    assert clamped.abs().max() < 3.0
+    torch.testing.assert_close(soft_clamp(torch.tensor([1e-4]), 3.0), torch.tensor([1e-4 * 2 / torch.pi * 1]),
+                               rtol=1e-3, atol=0)
+    assert bool((clamped[1:] > clamped[:-1]).all())
+
+
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2)], [(7, 5), (4, 3), (2, 2)]])
+def test_cross_scale_flow_inverts_exactly(sizes: list[tuple[int, int]]) -> None:
+    flow = _random_flow(channels=5, coupling_blocks=4, kernel_sizes=[3, 3, 3, 5], hidden_channels=6)
+    xs = _pyramid(3, 5, sizes)
+    zs, log_det = flow(xs)
+    assert [z.shape for z in zs] == [x.shape for x in xs]
+    assert log_det.shape == (3,)
+    assert max((z - x).abs().max().item() for z, x in zip(zs, xs, strict=True)) > 1  # far from identity
+    for x, x_back in zip(xs, flow.inverse(zs), strict=True):
+        torch.testing.assert_close(x_back, x, atol=1e-8, rtol=1e-8)
+    _, log_det_back = flow(zs, rev=True)
+    torch.testing.assert_close(log_det_back, -log_det, atol=1e-8, rtol=0)
+
+
+def test_cross_scale_log_det_matches_autograd_jacobian() -> None:
+    flow = _random_flow(channels=3, coupling_blocks=2, kernel_sizes=[3, 5], hidden_channels=4)
+    xs = _pyramid(2, 3, [(4, 5), (2, 3), (1, 2)])
+    _, log_det = flow(xs)
+    sizes = [x[0].numel() for x in xs]
+    for i in range(2):
+
+        def flat(vector: torch.Tensor, i: int = i) -> torch.Tensor:
+            parts = [p.reshape(1, *x.shape[1:]) for p, x in zip(vector.split(sizes), xs, strict=True)]
+            return torch.cat([z.flatten() for z in flow(parts)[0]])
+
+        jacobian = torch.autograd.functional.jacobian(flat, torch.cat([x[i].flatten() for x in xs]))
+        assert log_det[i].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
+
+
+def test_cross_scale_flow_starts_at_identity_and_images_are_independent() -> None:
+    flow = CrossScaleFlow(channels=4, hidden_channels=8).double()
+    xs = _pyramid(2, 4, [(8, 8), (4, 4), (2, 2)])
+    zs, log_det = flow(xs)
+    torch.testing.assert_close(log_det, torch.zeros(2, dtype=torch.float64))
+    # the identity up to the fixed channel permutations
+    assert sorted(zs[0][0, :, 0, 0].tolist()) == pytest.approx(sorted(xs[0][0, :, 0, 0].tolist()))
+    flow = _random_flow(channels=4, hidden_channels=8)
+    together, _ = flow(xs)
+    alone, _ = flow([x[1:] for x in xs])
+    for z_together, z_alone in zip(together, alone, strict=True):
+        torch.testing.assert_close(z_together[1:], z_alone)
+
+
+def test_cross_scale_flow_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"kernel_sizes=\[3, 4\] must list one odd positive kernel size"):
+        CrossScaleFlow(channels=4, coupling_blocks=2, kernel_sizes=[3, 4])
+    with pytest.raises(ValueError, match=r"kernel_sizes=\[3\] .*coupling_blocks=2"):
+        CrossScaleFlow(channels=4, coupling_blocks=2, kernel_sizes=[3])
+    with pytest.raises(ValueError, match="channels must be an integer ≥ 2, got 1"):
+        CrossScaleFlow(channels=1)
+    with pytest.raises(ValueError, match="clamp_alpha must be positive"):
+        CrossScaleFlow(channels=4, clamp_alpha=0)
+    with pytest.raises(ValueError, match="Expected 3 maps"):
+        CrossScaleFlow(channels=4)([torch.randn(1, 4, 4, 4)] * 2)
+
+
+# --- the torch model --------------------------------------------------------------------------------------------
+
+
+def test_torch_model_accepts_odd_but_valid_sizes() -> None:
+    model = CSFlowModel(**{k: v for k, v in TINY_CSFLOW.items() if k != "lr"}).eval()
+    assert model.size_multiple == 32  # stride 8 × 4
+    for height, width in [(96, 160), (224, 32)]:  # multiples of 32, not of 64 or 128
+        output = model(torch.rand(2, 3, height, width))
+        assert output.anomaly_map.shape == (2, 1, height, width)
+        assert output.pred_score.shape == (2,)
+        assert bool(torch.isfinite(output.anomaly_map).all())
+    model.train()
+    latents, log_det = model(torch.rand(1, 3, 96, 160))
+    assert [tuple(z.shape[-2:]) for z in latents] == [(12, 20), (6, 10), (3, 5)]
+    assert log_det.shape == (1,)
+
+
+def test_torch_model_refuses_sizes_not_divisible_by_stride_times_four() -> None:
+    model = CSFlowModel(**{k: v for k, v in TINY_CSFLOW.items() if k != "lr"}).eval()
+    with pytest.raises(ValueError, match=r"input_size=\(100, 128\).*multiples of 32.*Nearest valid sizes: \[96, 128\]"):
+        model(torch.rand(1, 3, 100, 128))
+    with pytest.raises(ValueError, match=r"input_size=\(250, 250\)"):
+        _model((250, 250))
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match=r"lr_schedule='step' is not supported; allowed values: \['constant'"):
+        _model(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr must be positive"):
+        _model(lr=0)
+    with pytest.raises(ValueError, match="layer must be one backbone layer name"):
+        _model(layer=["blocks.2", "blocks.4"])
+    with pytest.raises(ValueError, match="Unknown layers"):
+        _model(layer="blocks.9")
+    with pytest.raises(ValueError, match="num_scales must be an integer ≥ 2"):
+        _model(num_scales=1)
+
+
+def test_trainer_arguments_clip_the_gradient_norm() -> None:
+    model = _model(gradient_clip_norm=0.5)
+    assert model.trainer_arguments["gradient_clip_val"] == 0.5
+    assert model.trainer_arguments["gradient_clip_algorithm"] == "norm"
+
+
+# --- Lightning / Engine -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
+    """A CSFlow fitted for 3 epochs on the generated data, with its engine and test metrics."""
+    from flowad_plugins.data import SyntheticAD
+
+    seed_everything(0)
+    tmp_path = tmp_path_factory.mktemp("csflow")
+    datamodule = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
+                             num_test_per_defect=3, train_batch_size=8, eval_batch_size=8)
+    model = _model()
+    engine = Engine(max_epochs=3, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                    enable_progress_bar=False)
+    engine.fit(model=model, datamodule=datamodule)
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    return model, engine, metrics
+
+
+def test_fit_and_test_through_engine(trained) -> None:
+    model, engine, metrics = trained
+    assert set(metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert bool(model.model.scorer.statistics.fitted)
+    assert engine.trainer.gradient_clip_val == 1.0
+    assert metrics["pixel_AUROC"] > 0.7
+
+
+def test_map_of_an_image_does_not_depend_on_its_batch(trained) -> None:
+    model, *_ = trained
+    model.model.eval()
+    images = torch.rand(4, 3, 128, 128)
+    together, alone = model.model(images), model.model(images[1:2])
+    assert (together.anomaly_map[1] - alone.anomaly_map[0]).abs().max().item() <= 1e-5
+    assert abs(together.pred_score[1].item() - alone.pred_score[0].item()) <= 1e-5
+
+
+def test_checkpoint_round_trip_predicts_identically(trained, tmp_path: Path) -> None:
+    model, engine, _ = trained
+    path = tmp_path / "csflow.ckpt"
+    engine.trainer.save_checkpoint(path)
+    restored = CSFlow.load_from_checkpoint(path, weights_only=True)
+    restored.eval()
+    model.eval()
+    images = torch.rand(2, 3, 128, 128)
+    expected, actual = model(images), restored(images)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
+    torch.testing.assert_close(restored.model.scorer.statistics.std, model.model.scorer.statistics.std)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    flow_forward = model.model.flow.forward
+
+    def broken(inputs, rev=False):
+        latents, log_det = flow_forward(inputs, rev)
+        return latents, log_det * float("nan")
+
+    monkeypatch.setattr(model.model.flow, "forward", broken)
+    with pytest.raises(NonFiniteLossError, match="Likely causes: learning rate too high"):
+        _engine(tmp_path).fit(model=model, datamodule=tiny_datamodule)
+
+
+def test_anomalib_train_cli_runs_csflow(synthetic_root: Path, tmp_path: Path) -> None:
+    command = [
+        str(ANOMALIB), "train",
+        "--model", "flowad_plugins.CSFlow", "--model.layer", "blocks.2", "--model.coupling_blocks", "2",
+        "--model.hidden_channels", "16",
+        "--data", "flowad_plugins.data.SyntheticAD",
+        "--data.root", str(synthetic_root), "--data.image_size", "128", "--data.num_train", "16",
+        "--data.num_test_good", "4", "--data.num_test_per_defect", "3", "--data.train_batch_size", "8",
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--default_root_dir", str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "image_AUROC" in output and "pixel_AUPRO" in output
+    assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("csflow_*.yaml")))
+def test_configs_name_valid_arguments(config: str) -> None:
+    import inspect
+
+    import yaml
+
+    settings = yaml.safe_load((REPO / "configs" / config).read_text())
+    assert settings["model"]["class_path"] == "flowad_plugins.CSFlow"
+    init = dict(settings["model"]["init_args"])
+    assert set(init) <= set(inspect.signature(CSFlow).parameters)
+    assert init["kernel_sizes"] == [3, 3, 3, 5]
+    assert (init["lr"], init["weight_decay"], init["gradient_clip_norm"]) == (2e-4, 1e-5, 1.0)
+    init.pop("pre_processor", None)
+    if init["backbone"] == "efficientnet_lite0":  # offline weights: build it (the paper model is ~460 M parameters)
+        assert CSFlow(**init).model.flow.kernel_sizes == [3, 3, 3, 5]
