@@ -33,10 +33,11 @@ def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = Fals
     if name.startswith("anomalib."):
         from anomalib.models import get_model
 
+        from flowad_plugins.backbones import load_backbone_weights
+        from flowad_plugins.models.common import FlowAnomalibModule
         from flowad_plugins.post_processing import FlowPostProcessor
 
-        from flowad_plugins.backbones import load_backbone_weights
-
+        init = {**init, "evaluator": FlowAnomalibModule.configure_evaluator()}  # same metrics (AUPRO, val_*)
         if not keep_anomalib_post_processor:
             init = {**init, "post_processor": FlowPostProcessor()}
         # anomalib's extractor would download ImageNet weights (impossible offline): build it without, then load

@@ -105,7 +105,7 @@ def test_too_few_training_images_are_refused(tmp_path: Path) -> None:
 def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model()
-    monkeypatch.setattr(model.model, "fiber_log_likelihood", lambda _, x, c: torch.full((len(x),), float("nan")))
+    monkeypatch.setattr(model.model, "fiber_log_likelihood", lambda _, x, *rest: torch.full((len(x),), float("nan")))
     with pytest.raises(NonFiniteLossError, match="Likely causes: learning rate too high"):
         _engine(tmp_path).fit(model=model, datamodule=tiny_datamodule)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowad_plugins.flows import PositionalEncoding2D, conv_flow, fiber_flow, positional_encoding_2d
+from flowad_plugins.flows import (
+    PositionalEncoding2D,
+    conv_flow,
+    fiber_flow,
+    fiber_flow_forward,
+    positional_encoding_2d,
+)
 
 
 def _randomise(flow: torch.nn.Module) -> None:
@@ -81,3 +87,19 @@ def test_fiber_flow_rejects_bad_arguments() -> None:
         fiber_flow(8, coupling_blocks=0, clamp_alpha=1.9)
     with pytest.raises(ValueError, match="n_features=1"):
         fiber_flow(1, coupling_blocks=2, clamp_alpha=1.9)
+
+
+@pytest.mark.parametrize("permute_soft", [True, False])
+def test_position_table_pass_equals_freia_forward(permute_soft: bool) -> None:
+    flow = fiber_flow(7, coupling_blocks=3, clamp_alpha=1.9, condition_dim=8, permute_soft=permute_soft)
+    _randomise(flow)
+    table = torch.randn(5, 8)
+    index = torch.randint(0, 5, (40,))
+    x = torch.randn(40, 7)
+    z_reference, log_det_reference = flow(x, c=[table[index]])
+    z, log_det = fiber_flow_forward(flow, x, table, index)
+    torch.testing.assert_close(z, z_reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_det, log_det_reference, atol=1e-5, rtol=1e-5)
+    # gradients flow to the same parameters
+    (z.pow(2).sum() + log_det.sum()).backward()
+    assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)

@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         train_seconds = time.perf_counter() - start
         metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
         grid = overlay_grid(model, datamodule, args.output / f"{name}_maps.png")
-        results[name] = {"train_seconds": round(train_seconds, 1), **{k: round(float(v), 4) for k, v in metrics.items()},
-                         "maps": str(grid)}
+        rounded = {key: round(float(value), 4) for key, value in metrics.items()}
+        results[name] = {"train_seconds": round(train_seconds, 1), **rounded, "maps": str(grid)}
     table = Table(title=f"SyntheticAD/{args.category} test metrics ({args.image_size} px, {args.epochs} epochs)")
     for column in ("model", "image AUROC", "pixel AUROC", "pixel AUPRO", "train s", "anomaly maps"):
         table.add_column(column)

@@ -39,6 +39,8 @@ class CflowAD(FlowAnomalibModule):
         clamp_alpha: soft clamp of the affine coupling.
         permute_soft: random orthogonal channel mixing between blocks (paper) instead of permutations.
         fiber_batch_size: fibers per optimizer step (paper: 256).
+        max_fibers_per_image: train on at most this many random positions per image and layer (``None`` = all);
+            bounds the cost of fine layers whose neighbouring fibers are nearly redundant.
         lr: Adam learning rate (peak of the schedule).
         warmup_fraction: share of the training steps spent on the linear warm-up.
         inference_chunk_size: fibers per vectorised pass at inference (bounds memory only).
@@ -57,6 +59,7 @@ class CflowAD(FlowAnomalibModule):
         clamp_alpha: float = 1.9,
         permute_soft: bool = True,
         fiber_batch_size: int = 2048,
+        max_fibers_per_image: int | None = None,
         lr: float = 1e-3,
         warmup_fraction: float = 0.05,
         inference_chunk_size: int = 65536,
@@ -87,7 +90,11 @@ class CflowAD(FlowAnomalibModule):
             inference_chunk_size=inference_chunk_size,
             blur_sigma=blur_sigma,
         )
+        if max_fibers_per_image is not None and max_fibers_per_image < 1:
+            msg = f"max_fibers_per_image must be ≥ 1 or None, got {max_fibers_per_image}."
+            raise ValueError(msg)
         self.fiber_batch_size = fiber_batch_size
+        self.max_fibers_per_image = max_fibers_per_image
         self.lr = lr
         self.warmup_fraction = warmup_fraction
         self.automatic_optimization = False
@@ -103,19 +110,23 @@ class CflowAD(FlowAnomalibModule):
         del args, kwargs
         optimizer = self.optimizers()
         features = self.model.encoder(batch.image)
-        fibers = [self.model.fibers(feature_map) for feature_map in features]
+        sizes = [tuple(feature_map.shape[-2:]) for feature_map in features]
+        fibers = [self.model.fibers(feature_map, self.max_fibers_per_image) for feature_map in features]
         steps = max(math.ceil(layer_fibers.shape[0] / self.fiber_batch_size) for layer_fibers, _ in fibers)
-        orders = [torch.randperm(layer_fibers.shape[0], device=layer_fibers.device).chunk(steps)
-                  for layer_fibers, _ in fibers]
+        orders = [
+            torch.randperm(layer_fibers.shape[0], device=layer_fibers.device).chunk(steps) for layer_fibers, _ in fibers
+        ]
         total_loss = torch.zeros((), device=batch.image.device)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=batch.image.device)
-            for layer, ((layer_fibers, conditions), order) in enumerate(zip(fibers, orders, strict=True)):
+            for layer, ((layer_fibers, positions), order) in enumerate(zip(fibers, orders, strict=True)):
                 if step >= len(order):  # torch.chunk may return fewer chunks for a small layer
                     continue
                 index = order[step]
-                log_likelihood = self.model.fiber_log_likelihood(layer, layer_fibers[index], conditions[index])
+                log_likelihood = self.model.fiber_log_likelihood(
+                    layer, layer_fibers[index], positions[index], sizes[layer]
+                )
                 loss = loss + (-F.logsigmoid(log_likelihood)).mean()
                 self.model.scorer.statistics.update(layer, log_likelihood)
             self.check_finite_loss(loss)
@@ -124,7 +135,7 @@ class CflowAD(FlowAnomalibModule):
             total_loss += loss.detach()
         self.lr_schedulers().step()
         mean_loss = total_loss / steps
-        self.log("train_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         return {"loss": mean_loss}
 
     @property

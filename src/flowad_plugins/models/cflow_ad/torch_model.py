@@ -10,7 +10,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
-from flowad_plugins.flows import PositionalEncoding2D, fiber_flow
+from flowad_plugins.flows import PositionalEncoding2D, fiber_flow, fiber_flow_forward
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
 
@@ -64,17 +64,28 @@ class CflowADModel(nn.Module):
         self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
         self.inference_chunk_size = inference_chunk_size
 
-    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their conditions ``(B·h·w)×P``."""
-        batch, channels, height, width = features.shape
-        fibers = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        conditions = self.positional_encoding(height, width, features.device)
-        conditions = conditions.unsqueeze(0).expand(batch, -1, -1).reshape(-1, conditions.shape[-1])
-        return fibers, conditions
+    def fibers(self, features: torch.Tensor, max_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their positions ``(B·h·w)`` (row-major).
 
-    def fiber_log_likelihood(self, layer: int, fibers: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood per dimension ``N`` of fibers ``N×C`` under decoder ``layer``."""
-        z, log_jac_det = self.decoders[layer](fibers, c=[conditions])
+        With ``max_per_image`` (training only), keep that many random positions per image: ``(B·m)×C``.
+        """
+        batch, channels, height, width = features.shape
+        fibers = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        positions = torch.arange(height * width, device=features.device).unsqueeze(0).expand(batch, -1)
+        if max_per_image is not None and max_per_image < height * width:
+            positions = torch.rand(batch, height * width, device=features.device).argsort(dim=1)[:, :max_per_image]
+            fibers = fibers.gather(1, positions.unsqueeze(-1).expand(-1, -1, channels))
+        return fibers.reshape(-1, channels), positions.reshape(-1)
+
+    def fiber_log_likelihood(
+        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor, map_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
+
+        The positional condition is projected once per position (``flows.fiber_flow_forward``), not per fiber.
+        """
+        table = self.positional_encoding(*map_size, device=fibers.device)
+        z, log_jac_det = fiber_flow_forward(self.decoders[layer], fibers, table, positions)
         return gaussian_log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -82,18 +93,20 @@ class CflowADModel(nn.Module):
         maps = []
         for layer, feature_map in enumerate(features):
             batch, _, height, width = feature_map.shape
-            fibers, conditions = self.fibers(feature_map)
+            fibers, positions = self.fibers(feature_map)
             if _is_exporting() or fibers.shape[0] <= self.inference_chunk_size:
-                log_likelihood = self.fiber_log_likelihood(layer, fibers, conditions)
+                log_likelihood = self.fiber_log_likelihood(layer, fibers, positions, (height, width))
             else:
-                log_likelihood = torch.cat([
-                    self.fiber_log_likelihood(layer, fiber_chunk, condition_chunk)
-                    for fiber_chunk, condition_chunk in zip(
-                        fibers.split(self.inference_chunk_size),
-                        conditions.split(self.inference_chunk_size),
-                        strict=True,
-                    )
-                ])
+                log_likelihood = torch.cat(
+                    [
+                        self.fiber_log_likelihood(layer, fiber_chunk, position_chunk, (height, width))
+                        for fiber_chunk, position_chunk in zip(
+                            fibers.split(self.inference_chunk_size),
+                            positions.split(self.inference_chunk_size),
+                            strict=True,
+                        )
+                    ]
+                )
             maps.append(log_likelihood.reshape(batch, height, width))
         return maps
 
