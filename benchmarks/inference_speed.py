@@ -58,7 +58,7 @@ def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module,
 
         # anomalib's Csflow at its own defaults (EfficientNet-B5 features.6.8, 304 channels, subnet width 1024,
         # 4 blocks, clamp 3); it always downloads B5 weights, so build it with random ones (same work).
-        settings = {"ours": "CSFlowModel() defaults: efficientnet_lite0 blocks.4, width = 112 channels, 4 blocks",
+        settings = {"ours": "CSFlowModel() defaults: efficientnet_lite0 blocks.4 (112 ch), width 112, k [3,3,3,5]",
                     "anomalib": "CsFlowModel(input_size, cross_conv_hidden_channels=1024), EfficientNet-B5"}
 
         def random_b5(*_, **kwargs):
@@ -69,7 +69,20 @@ def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module,
         with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5):
             theirs = anomalib_csflow.CsFlowModel(input_size=(image_size, image_size), cross_conv_hidden_channels=1024)
         return settings, ours.eval(), theirs.eval()
-    msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow']."
+    if pair == "fastflow":
+        from anomalib.models.image.fastflow.torch_model import FastflowModel
+
+        from flowad_plugins.models.fastflow import FastFlowModel
+
+        # the paper's ResNet18 setting for both: layer1..layer3, 8 steps of 3×3 subnets, hidden ratio 1.0
+        settings = {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "flow_steps": 8,
+                    "conv3x3_only": True, "hidden_ratio": 1.0}
+        ours = FastFlowModel(input_size=(image_size, image_size), backbone="resnet18", pre_trained=False,
+                             flow_steps=8, conv3x3_only=True, hidden_ratio=1.0)
+        theirs = FastflowModel(input_size=(image_size, image_size), backbone="resnet18", pre_trained=False,
+                               flow_steps=8, conv3x3_only=True, hidden_ratio=1.0)
+        return settings, ours.eval(), theirs.eval()
+    msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow', 'fastflow']."
     raise ValueError(msg)
 
 
@@ -103,7 +116,7 @@ def time_model(model: torch.nn.Module, images: torch.Tensor, warmup: int, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="cflow", choices=["cflow", "csflow"])
+    parser.add_argument("--pair", default="cflow", choices=["cflow", "csflow", "fastflow"])
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--warmup", type=int, default=2)

@@ -56,3 +56,13 @@ def test_smoothing_changes_the_map_but_not_the_image_score() -> None:
     torch.testing.assert_close(smooth_out.pred_score, sharp_out.pred_score)
     assert not torch.allclose(smooth_out.anomaly_map, sharp_out.anomaly_map)
     assert smooth_out.anomaly_map.shape == (2, 1, 32, 32)
+
+
+def test_separable_blur_equals_anomalibs_2d_gaussian() -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    from flowad_plugins.scoring import SeparableGaussianBlur
+
+    maps = torch.rand(2, 1, 40, 48)
+    torch.testing.assert_close(SeparableGaussianBlur(3.0)(maps), GaussianBlur2d(sigma=3.0, channels=1)(maps),
+                               atol=1e-5, rtol=1e-5)

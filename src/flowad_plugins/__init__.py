@@ -4,7 +4,7 @@
 ``Engine().fit(flowad_plugins.CflowAD(...), datamodule=...)``.
 """
 
-from flowad_plugins.models import CflowAD, CSFlow
+from flowad_plugins.models import CflowAD, CSFlow, FastFlow
 
-__all__ = ["CSFlow", "CflowAD"]
+__all__ = ["CSFlow", "CflowAD", "FastFlow"]
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@ log-determinant is a sum of per-position terms: ``Σ_c s_c(h, w)`` of the coupli
 of the global affine (a hard permutation contributes 0). ``conv_flow_forward`` evaluates the same
 ``AllInOneBlock`` parameters as FrEIA, returning ``z`` and that map ``B×h×w``; its sum over positions
 equals FrEIA's value. A hard permutation is applied as a channel gather instead of FrEIA's dense 1×1
-convolution (same result, ``C×C`` fewer multiply-adds per position). The inverse stays FrEIA's
+convolution (same result, ``C×C`` fewer multiply-adds per position; FrEIA's 1×1 convolution even takes
+PyTorch's slow non-oneDNN path on CPU), and the subnet's 0.1 damping is folded into its last convolution.
+Keep the maps in NCHW here: a channel gather then copies whole planes. The inverse stays FrEIA's
 ``flow(z, rev=True)``.
 """
 
@@ -39,28 +41,57 @@ def permutation_index(block: AllInOneBlock) -> torch.Tensor | None:
     return None
 
 
-def coupling_step(block: AllInOneBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One AllInOneBlock step on ``x: B×C×h×w`` → ``(y B×C×h×w, log|det J| per position B×h×w)``."""
+def _coupling_coefficients(subnet: torch.nn.Module, x1: torch.Tensor) -> torch.Tensor:
+    """``0.1 · subnet(x1)`` (AllInOneBlock's damping), folded into the last convolution when the subnet is
+    ``conv_subnet``'s ``Conv → ReLU → Conv`` (one pass over the coefficients less)."""
+    layers = list(subnet) if isinstance(subnet, torch.nn.Sequential) else []
+    if len(layers) == 3 and isinstance(layers[0], torch.nn.Conv2d) and isinstance(layers[1], torch.nn.ReLU) \
+            and isinstance(layers[2], torch.nn.Conv2d) and layers[2].bias is not None \
+            and layers[2].padding_mode == "zeros":
+        last = layers[2]
+        hidden = F.relu(layers[0](x1))
+        return F.conv2d(hidden, 0.1 * last.weight, 0.1 * last.bias, last.stride, last.padding, last.dilation,
+                        last.groups)
+    return subnet(x1) * 0.1
+
+
+def coupling_step(
+    block: AllInOneBlock,
+    x: torch.Tensor,
+    with_log_det: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One AllInOneBlock step on ``x: B×C×h×w`` → ``(y B×C×h×w, log|det J| per position B×h×w or None)``."""
     x1, x2 = torch.split(x, block.splits, dim=1)
-    coefficients = block.subnet(x1) * 0.1
+    coefficients = _coupling_coefficients(block.subnet, x1)
     passive = block.splits[1]
     log_scale = block.clamp * torch.tanh(coefficients[:, :passive])
-    x2 = x2 * torch.exp(log_scale) + coefficients[:, passive:]
+    x2 = torch.addcmul(coefficients[:, passive:], x2, torch.exp(log_scale))  # x2·e^s + t
+    coupled = torch.cat((x1, x2), dim=1)
     global_scale = block.global_scale_activation(block.global_scale)  # 1×C×1×1
-    y = torch.cat((x1, x2), dim=1) * global_scale + block.global_offset
     index = permutation_index(block)
-    y = y.index_select(1, index) if index is not None else F.conv2d(y, block.w_perm)
+    if index is not None:
+        # permute first (whole h×w planes copied: cheap in NCHW), then the permuted global affine in one op
+        y = torch.addcmul(block.global_offset[:, index], coupled.index_select(1, index), global_scale[:, index])
+    else:
+        y = F.conv2d(torch.addcmul(block.global_offset, coupled, global_scale), block.w_perm)
+    if not with_log_det:
+        return y, None
     return y, log_scale.sum(dim=1) + torch.log(global_scale).sum()
 
 
-def conv_flow_forward(flow: SequenceINN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_flow_forward(
+    flow: SequenceINN,
+    x: torch.Tensor,
+    with_log_det: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the ``conv_flow`` stack on ``x: B×C×h×w`` → ``(z B×C×h×w, log|det J| per position B×h×w)``.
 
     Differentiable (used for training) and equal to ``flow(x)`` with ``log_det.sum((1, 2))`` = FrEIA's
-    ``log_jac_det``.
+    ``log_jac_det``. ``with_log_det=False`` skips the log-det (returns ``None``) when only ``z`` is needed.
     """
-    log_det = x.new_zeros(x.shape[0], x.shape[2], x.shape[3])
+    log_det = x.new_zeros(x.shape[0], x.shape[2], x.shape[3]) if with_log_det else None
     for block in flow.module_list:
-        x, step_log_det = coupling_step(_check_block(block), x)
-        log_det = log_det + step_log_det
+        x, step_log_det = coupling_step(_check_block(block), x, with_log_det)
+        if step_log_det is not None:
+            log_det = log_det + step_log_det
     return x, log_det

@@ -2,5 +2,6 @@
 
 from .cflow_ad import CflowAD
 from .cs_flow import CSFlow
+from .fastflow import FastFlow
 
-__all__ = ["CSFlow", "CflowAD"]
+__all__ = ["CSFlow", "CflowAD", "FastFlow"]

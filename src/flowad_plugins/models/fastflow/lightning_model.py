@@ -1,0 +1,131 @@
+"""FastFlow as an anomalib ``AnomalibModule``: ``anomalib train --model flowad_plugins.FastFlow``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.scoring import gaussian_log_likelihood
+
+from .torch_model import FastFlowModel
+
+
+class FastFlow(FlowAnomalibModule):
+    """FastFlow (Yu et al. 2021, 2D normalizing flows) with batch-independent, train-statistics scoring.
+
+    Loss: negative log-likelihood per dimension of every feature position (``½‖z‖²`` minus the log-det),
+    averaged over positions and summed over scales; Adam with the paper's lr 1e-3 and weight decay 1e-5.
+
+    Args:
+        backbone: any timm CNN (``features_only``) or ViT/DeiT/CaiT; anomalib's four are not a limit.
+        layers: backbone layers, shallow to deep; ``None`` = first three stages (CNN) or the paper's block (ViT).
+        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
+        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
+        flow_steps: AllInOneBlocks per scale (paper: 8 for CNNs, 20 for transformers).
+        conv3x3_only: 3×3 subnets only (paper's ResNet18 setting) instead of alternating 3×3/1×1.
+        hidden_ratio: subnet hidden channels / input channels (paper: 1.0 CNNs, 0.16 transformers).
+        clamp: soft clamp of the affine coupling (paper: 2.0).
+        map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
+            default: better localisation on validation data (benchmarks/fastflow_log_det.py).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        input_size: ``(H, W)`` the model is built for; ``None`` = the pre-processor's size, or the backbone's
+            fixed size (ViTs) with the default pre-processor, else 256×256.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        flow_steps: int = 8,
+        conv3x3_only: bool = False,
+        hidden_ratio: float = 1.0,
+        clamp: float = 2.0,
+        map_log_det: bool = True,
+        blur_sigma: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        input_size: Sequence[int] | None = None,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if not lr > 0:
+            msg = f"lr must be positive, got {lr}."
+            raise ValueError(msg)
+        if weight_decay < 0:
+            msg = f"weight_decay must be ≥ 0, got {weight_decay}."
+            raise ValueError(msg)
+        custom_pre_processor = isinstance(pre_processor, PreProcessor)
+        if input_size is None and custom_pre_processor:
+            input_size = self.input_size
+        self.model = FastFlowModel(
+            input_size=input_size,
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            flow_steps=flow_steps,
+            conv3x3_only=conv3x3_only,
+            hidden_ratio=hidden_ratio,
+            clamp=clamp,
+            map_log_det=map_log_det,
+            blur_sigma=blur_sigma,
+        )
+        if pre_processor is True and self.input_size != self.model.input_size:
+            self.pre_processor = self.configure_pre_processor(self.model.input_size)
+        # Checkpoints rebuild the model at the size it was trained for.
+        self.hparams["input_size"] = list(self.model.input_size)
+        self.hparams["layers"] = list(self.model.encoder.layers)
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def setup(self, stage: str) -> None:
+        """Follow a pre-processor replaced after construction (untrained heads are rebuilt for its size)."""
+        super().setup(stage)
+        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
+            self.model.set_input_size(tuple(self.input_size))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the normalisation layers and flows (the encoder is frozen)."""
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Negative log-likelihood per dimension, averaged over positions, summed over scales."""
+        del args, kwargs
+        loss = torch.zeros((), device=batch.image.device)
+        for scale, (z, log_det) in enumerate(self.model(batch.image)):
+            log_likelihood = gaussian_log_likelihood(z, log_det)
+            loss = loss - log_likelihood.mean()
+            map_values = log_likelihood if self.model.map_log_det else self.model.log_likelihood_map(z, log_det)
+            self.model.scorer.statistics.update(scale, map_values.detach())
+        self.check_finite_loss(loss)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
+        return {"loss": loss}
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping; no sanity validation (the scorer has no statistics before training)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

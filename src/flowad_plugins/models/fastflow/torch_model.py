@@ -1,0 +1,192 @@
+"""FastFlow torch model: frozen encoder → normalisation → one 2D flow per scale → shared scoring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from flowad_plugins.backbones import FeatureExtractor
+from flowad_plugins.flows import conv_flow, conv_flow_forward
+from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
+
+# The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
+PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
+    "deit_base_distilled_patch16_384": "blocks.7",
+    "cait_m48_448": "blocks.40",
+}
+DEFAULT_INPUT_SIZE = (256, 256)
+# The backbone runs channels-last (oneDNN's native CPU layout: ~1.5× faster for ResNets); the flows run on
+# NCHW maps, where their channel split, concatenation and permutation copy whole planes.
+MEMORY_FORMAT = torch.channels_last
+
+
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def default_layers(backbone: str) -> list[str]:
+    """FastFlow's feature layers for ``backbone``.
+
+    CNNs: the first three stages after the stem (``layer1..layer3`` of a ResNet, reductions 4, 8, 16).
+    Transformers: the paper's block for DeiT/CaiT, otherwise the block at two thirds of the depth.
+    """
+    if backbone in PAPER_TRANSFORMER_LAYERS:
+        return [PAPER_TRANSFORMER_LAYERS[backbone]]
+    if backbone not in timm.list_models():
+        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        msg = f"Unknown backbone={backbone!r}. timm models with a similar name: {close}."
+        raise ValueError(msg)
+    with torch.device("meta"):  # structure only: no weights, no memory
+        model = timm.create_model(backbone, pretrained=False)
+    available = [info["module"] for info in model.feature_info]
+    if hasattr(model, "patch_embed"):
+        return [available[max(0, 2 * len(available) // 3 - 1)]]
+    return available[1:4] if len(available) >= 4 else available[-3:]
+
+
+class FastFlowModel(nn.Module):
+    """FastFlow (Yu et al. 2021) as a plain ``nn.Module``.
+
+    Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` built from the
+    real feature shape at ``input_size``; transformers: the backbone's own pretrained final norm), then
+    mapped to ``z`` by a 2D flow of AllInOneBlocks with conv subnets. The per-position log-likelihood
+    (per dimension, optionally with the per-position log-det) feeds the shared ``AnomalyScorer``.
+
+    Args:
+        input_size: ``(H, W)`` of the images; ``None`` = the backbone's fixed size, else 256×256.
+        backbone: any timm CNN with ``feature_info`` or a ViT/DeiT/CaiT.
+        layers: backbone layers, shallow to deep; ``None`` = ``default_layers(backbone)``.
+        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
+        backbone_weights: local weights file for the backbone.
+        flow_steps: AllInOneBlocks per scale.
+        conv3x3_only: 3×3 subnets in every step; otherwise 3×3 and 1×1 alternate.
+        hidden_ratio: hidden channels of a subnet = ``hidden_ratio`` × its input channels.
+        clamp: soft clamp ``α`` of the affine coupling.
+        map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
+            default: better localisation on validation data (benchmarks/fastflow_log_det.py).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+
+    Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
+    ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
+    """
+
+    def __init__(
+        self,
+        input_size: Sequence[int] | None = None,
+        backbone: str = "resnet18",
+        layers: Sequence[str] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        flow_steps: int = 8,
+        conv3x3_only: bool = False,
+        hidden_ratio: float = 1.0,
+        clamp: float = 2.0,
+        map_log_det: bool = True,
+        blur_sigma: float = 0.0,
+    ) -> None:
+        super().__init__()
+        for name, value in {"flow_steps": flow_steps, "clamp": clamp, "hidden_ratio": hidden_ratio}.items():
+            if not value > 0:
+                msg = f"{name} must be positive, got {value}."
+                raise ValueError(msg)
+        if int(flow_steps) != flow_steps:
+            msg = f"flow_steps must be a positive integer, got {flow_steps}."
+            raise ValueError(msg)
+        layers = default_layers(backbone) if layers is None else list(layers)
+        self.encoder = FeatureExtractor(backbone, layers, pre_trained=pre_trained, backbone_weights=backbone_weights,
+                                        final_norm=True)
+        self.encoder.to(memory_format=MEMORY_FORMAT)
+        self.flow_settings = {"flow_steps": flow_steps, "clamp_alpha": clamp, "hidden_ratio": hidden_ratio,
+                              "kernel_sizes": [3] if conv3x3_only else [3, 1], "permute_soft": False}
+        self.map_log_det = map_log_det
+        self.input_size = self._resolve_input_size(input_size)
+        self.norms = nn.ModuleList()
+        self.flows = nn.ModuleList()
+        self._build_heads()
+        self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
+
+    def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
+        if input_size is None:
+            input_size = self.encoder.fixed_input_size or DEFAULT_INPUT_SIZE
+        if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
+            msg = f"input_size must be two positive integers (H, W), got {input_size!r}."
+            raise ValueError(msg)
+        size = (int(input_size[0]), int(input_size[1]))
+        self.encoder.check_input_size(size)
+        return size
+
+    @torch.no_grad()
+    def feature_shapes(self) -> list[tuple[int, int, int]]:
+        """Real ``(C_l, h_l, w_l)`` of every layer at ``input_size`` (one dummy pass through the encoder)."""
+        features = self.encoder(torch.zeros(1, 3, *self.input_size, device=self._device))
+        return [tuple(feature.shape[1:]) for feature in features]
+
+    @property
+    def _device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.encoder.parameters()).device
+
+    def _build_heads(self) -> None:
+        """(Re)build normalisation layers and flows for the feature shapes at ``input_size``."""
+        shapes = self.feature_shapes()
+        self.norms = nn.ModuleList(
+            nn.Identity() if self.encoder.is_transformer else nn.LayerNorm(list(shape), elementwise_affine=True)
+            for shape in shapes
+        )
+        self.flows = nn.ModuleList(conv_flow(shape, **self.flow_settings) for shape in shapes)
+        self.norms.to(self._device)
+        self.flows.to(self._device)
+
+    def set_input_size(self, input_size: Sequence[int]) -> None:
+        """Rebuild the (untrained) heads for another input size; refused once the model has been trained."""
+        size = self._resolve_input_size(input_size)
+        if size == self.input_size:
+            return
+        if bool(self.scorer.statistics.fitted):
+            msg = (f"input_size={size} differs from the size this trained model was built for, {self.input_size}; "
+                   "its normalisation layers are tied to the feature shapes. Retrain, or feed images of that size.")
+            raise ValueError(msg)
+        self.input_size = size
+        self._build_heads()
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ``ValueError`` when ``images`` do not have the size the model was built for."""
+        size = tuple(images.shape[-2:])
+        self.encoder.check_input_size(size)
+        if not self.encoder.is_transformer and size != self.input_size:
+            msg = (f"images of size {size} do not match input_size={self.input_size} this model was built for "
+                   "(the normalisation layers have the feature shapes of that size); resize to it.")
+            raise ValueError(msg)
+
+    def flow_outputs(
+        self,
+        images: torch.Tensor,
+        with_log_det: bool = True,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l or None)]`` for images ``B×3×H×W``."""
+        features = self.encoder(images.contiguous(memory_format=MEMORY_FORMAT))
+        return [conv_flow_forward(flow, norm(feature).contiguous(), with_log_det)
+                for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
+
+    def log_likelihood_map(self, z: torch.Tensor, log_det: torch.Tensor | None) -> torch.Tensor:
+        """Per-position log-likelihood per dimension ``B×h×w`` used for the anomaly map."""
+        if self.map_log_det and log_det is None:
+            msg = "map_log_det=True needs the per-position log-det; call flow_outputs(images, with_log_det=True)."
+            raise ValueError(msg)
+        return gaussian_log_likelihood(z, log_det if self.map_log_det else torch.zeros((), device=z.device))
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | list[tuple[torch.Tensor, torch.Tensor]]:
+        """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``flow_outputs(images)``."""
+        if not _is_exporting():
+            self.check_images(images)
+        if self.training:
+            return self.flow_outputs(images)
+        with torch.no_grad():
+            outputs = self.flow_outputs(images, with_log_det=self.map_log_det)
+            maps = [self.log_likelihood_map(z, log_det) for z, log_det in outputs]
+            return self.scorer(maps, images.shape[-2:])
