@@ -117,3 +117,18 @@ def test_bad_arguments_are_named() -> None:
         _model(condition_dim=10)
     with pytest.raises(ValueError, match="Unknown layers"):
         _model(layers=["blocks.9"])
+
+
+def test_inference_cache_follows_parameter_updates() -> None:
+    model = CflowAD(**TINY_CFLOW).model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    before = model(images).anomaly_map
+    with torch.no_grad():
+        for parameter in model.decoders.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05)
+    cached = model(images).anomaly_map
+    model._condition_cache.clear()
+    fresh = model(images).anomaly_map
+    assert not torch.allclose(before, cached)
+    torch.testing.assert_close(cached, fresh)

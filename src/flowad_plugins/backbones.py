@@ -230,6 +230,10 @@ class FeatureExtractor(nn.Module):
         self.extractor = FeatureGetterNet(model, out_indices=indices, output_fmt="NCHW", norm=self.final_norm)
         self.extractor.eval()
         self.extractor.requires_grad_(False)
+        # CNNs run channels-last: oneDNN's native CPU layout (~1.5× faster for ResNets here). Outputs stay
+        # channels-last, which also makes the NHWC fiber view of CFLOW-AD a free reshape.
+        if not self.is_transformer:
+            self.extractor.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
@@ -297,4 +301,6 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"images must have shape B×3×H×W, got {tuple(images.shape)}."
             raise ValueError(msg)
+        if not self.is_transformer:
+            images = images.contiguous(memory_format=torch.channels_last)
         return list(self.extractor(images))

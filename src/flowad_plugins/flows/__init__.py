@@ -3,7 +3,7 @@
 from .conv_pass import conv_flow_forward
 from .coupling import conv_flow, conv_subnet, fiber_flow, linear_subnet
 from .cross_scale import CrossScaleCoupling, CrossScaleFlow, CrossScaleSubnet, MultiScaleActNorm, soft_clamp
-from .fiber_pass import fiber_flow_forward
+from .fiber_pass import fiber_condition_terms, fiber_flow_forward
 from .positional import PositionalEncoding2D, positional_encoding_2d
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "conv_flow",
     "conv_flow_forward",
     "conv_subnet",
+    "fiber_condition_terms",
     "fiber_flow",
     "fiber_flow_forward",
     "linear_subnet",

@@ -34,11 +34,22 @@ def _check_block(block: nn.Module) -> AllInOneBlock:
     return block
 
 
+def fiber_condition_terms(flow: SequenceINN, condition_table: torch.Tensor) -> list[torch.Tensor]:
+    """Per block, the condition part of the subnet's first layer, ``W_c·c + b`` for each table row: ``[T×hidden]``."""
+    terms = []
+    for module in flow.module_list:
+        block = _check_block(module)
+        first = block.subnet[0]
+        terms.append(F.linear(condition_table, first.weight[:, block.splits[0] :], first.bias))
+    return terms
+
+
 def fiber_flow_forward(
     flow: SequenceINN,
     fibers: torch.Tensor,
     condition_table: torch.Tensor,
     condition_index: torch.Tensor,
+    condition_terms: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a conditional ``fiber_flow`` on fibers ``N×C`` whose conditions are rows of a table.
 
@@ -47,19 +58,20 @@ def fiber_flow_forward(
         fibers: ``N×C``.
         condition_table: ``T×P`` distinct condition vectors (e.g. one per feature-map position).
         condition_index: ``N`` (long), the table row of each fiber's condition.
+        condition_terms: ``fiber_condition_terms(flow, condition_table)`` if already computed (inference cache).
 
     Returns:
         ``(z N×C, log|det J| N)``, equal to ``flow(fibers, c=[condition_table[condition_index]])``.
     """
+    if condition_terms is None:
+        condition_terms = fiber_condition_terms(flow, condition_table)
     x = fibers
     log_det = fibers.new_zeros(fibers.shape[0])
-    for module in flow.module_list:
+    for module, condition_term in zip(flow.module_list, condition_terms, strict=True):
         block = _check_block(module)
         first, rest = block.subnet[0], block.subnet[1:]
-        split = block.splits[0]
         x1, x2 = torch.split(x, block.splits, dim=1)
-        condition_term = F.linear(condition_table, first.weight[:, split:], first.bias)  # T×hidden
-        hidden = F.linear(x1, first.weight[:, :split]) + condition_term[condition_index]
+        hidden = F.linear(x1, first.weight[:, : block.splits[0]]) + condition_term[condition_index]
         coefficients = rest(hidden) * 0.1
         passive = block.splits[1]
         log_scale = block.clamp * torch.tanh(coefficients[:, :passive])

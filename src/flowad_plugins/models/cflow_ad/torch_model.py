@@ -10,7 +10,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
-from flowad_plugins.flows import PositionalEncoding2D, fiber_flow, fiber_flow_forward
+from flowad_plugins.flows import PositionalEncoding2D, fiber_condition_terms, fiber_flow, fiber_flow_forward
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
 
@@ -63,6 +63,8 @@ class CflowADModel(nn.Module):
         )
         self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
         self.inference_chunk_size = inference_chunk_size
+        # (layer, h, w, device, dtype) -> (decoder parameter versions, per-block condition terms); inference only
+        self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
 
     def fibers(self, features: torch.Tensor, max_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their positions ``(B·h·w)`` (row-major).
@@ -82,10 +84,21 @@ class CflowADModel(nn.Module):
     ) -> torch.Tensor:
         """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
 
-        The positional condition is projected once per position (``flows.fiber_flow_forward``), not per fiber.
+        The positional condition is projected once per position (``flows.fiber_flow_forward``), not per fiber;
+        without gradients the projection is cached until the decoder's parameters change.
         """
+        decoder = self.decoders[layer]
         table = self.positional_encoding(*map_size, device=fibers.device)
-        z, log_jac_det = fiber_flow_forward(self.decoders[layer], fibers, table, positions)
+        terms = None
+        if not torch.is_grad_enabled() and not _is_exporting():
+            versions = tuple(parameter._version for parameter in decoder.parameters())
+            key = (layer, *map_size, str(fibers.device), fibers.dtype)
+            cached = self._condition_cache.get(key)
+            if cached is None or cached[0] != versions:
+                cached = (versions, fiber_condition_terms(decoder, table))
+                self._condition_cache[key] = cached
+            terms = cached[1]
+        z, log_jac_det = fiber_flow_forward(decoder, fibers, table, positions, terms)
         return gaussian_log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

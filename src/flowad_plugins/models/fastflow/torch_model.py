@@ -20,9 +20,8 @@ PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
     "cait_m48_448": "blocks.40",
 }
 DEFAULT_INPUT_SIZE = (256, 256)
-# The backbone runs channels-last (oneDNN's native CPU layout: ~1.5× faster for ResNets); the flows run on
-# NCHW maps, where their channel split, concatenation and permutation copy whole planes.
-MEMORY_FORMAT = torch.channels_last
+# The backbone runs channels-last (see FeatureExtractor); the flows run on NCHW maps, where their channel split,
+# concatenation and permutation copy whole planes.
 
 
 def _is_exporting() -> bool:
@@ -100,7 +99,6 @@ class FastFlowModel(nn.Module):
         layers = default_layers(backbone) if layers is None else list(layers)
         self.encoder = FeatureExtractor(backbone, layers, pre_trained=pre_trained, backbone_weights=backbone_weights,
                                         final_norm=True)
-        self.encoder.to(memory_format=MEMORY_FORMAT)
         self.flow_settings = {"flow_steps": flow_steps, "clamp_alpha": clamp, "hidden_ratio": hidden_ratio,
                               "kernel_sizes": [3] if conv3x3_only else [3, 1], "permute_soft": False}
         self.map_log_det = map_log_det
@@ -169,7 +167,7 @@ class FastFlowModel(nn.Module):
         with_log_det: bool = True,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l or None)]`` for images ``B×3×H×W``."""
-        features = self.encoder(images.contiguous(memory_format=MEMORY_FORMAT))
+        features = self.encoder(images)
         return [conv_flow_forward(flow, norm(feature).contiguous(), with_log_det)
                 for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
 
