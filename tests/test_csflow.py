@@ -88,8 +88,24 @@ def test_cross_scale_log_det_matches_autograd_jacobian() -> None:
         assert log_det[i].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
 
 
-def test_cross_scale_flow_starts_at_identity_and_images_are_independent() -> None:
+def test_input_norm_standardises_the_first_batch_and_inverts() -> None:
     flow = CrossScaleFlow(channels=4, hidden_channels=8).double()
+    xs = [5 + 3 * x for x in _pyramid(4, 4, [(8, 8), (4, 4), (2, 2)])]
+    normalised, log_det = flow.input_norm(xs)  # training mode: the first batch initialises it
+    assert bool(flow.input_norm.initialized)
+    for x in normalised:
+        torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0)
+        torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(4, dtype=torch.float64), atol=1e-9, rtol=0)
+    back, log_det_back = flow.input_norm(normalised, rev=True)
+    for x, x_back in zip(xs, back, strict=True):
+        torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(log_det_back, -log_det)
+    expected = sum(h * w * flow.input_norm.log_scale[i].sum() for i, (h, w) in enumerate([(8, 8), (4, 4), (2, 2)]))
+    torch.testing.assert_close(log_det, expected.expand(4))
+
+
+def test_cross_scale_flow_starts_at_identity_and_images_are_independent() -> None:
+    flow = CrossScaleFlow(channels=4, hidden_channels=8, input_norm=False).double()
     xs = _pyramid(2, 4, [(8, 8), (4, 4), (2, 2)])
     zs, log_det = flow(xs)
     torch.testing.assert_close(log_det, torch.zeros(2, dtype=torch.float64))
@@ -227,7 +243,8 @@ def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tm
 def test_anomalib_train_cli_runs_csflow(synthetic_root: Path, tmp_path: Path) -> None:
     command = [
         str(ANOMALIB), "train",
-        "--model", "flowad_plugins.CSFlow", "--model.layer", "blocks.2", "--model.coupling_blocks", "2",
+        "--config", str(REPO / "configs" / "csflow_efficientnet_lite0.yaml"),  # overridden to a tiny model
+        "--model.layer", "blocks.2", "--model.coupling_blocks", "2", "--model.kernel_sizes", "[3, 5]",
         "--model.hidden_channels", "16",
         "--data", "flowad_plugins.data.SyntheticAD",
         "--data.root", str(synthetic_root), "--data.image_size", "128", "--data.num_train", "16",
@@ -253,7 +270,24 @@ def test_configs_name_valid_arguments(config: str) -> None:
     init = dict(settings["model"]["init_args"])
     assert set(init) <= set(inspect.signature(CSFlow).parameters)
     assert init["kernel_sizes"] == [3, 3, 3, 5]
-    assert (init["lr"], init["weight_decay"], init["gradient_clip_norm"]) == (2e-4, 1e-5, 1.0)
+    assert (init["weight_decay"], init["gradient_clip_norm"]) == (1e-5, 1.0)
+    if "paper" in config:
+        assert (init["lr"], init["lr_schedule"], init["hidden_channels"]) == (2e-4, "constant", 1024)
     init.pop("pre_processor", None)
     if init["backbone"] == "efficientnet_lite0":  # offline weights: build it (the paper model is ~460 M parameters)
         assert CSFlow(**init).model.flow.kernel_sizes == [3, 3, 3, 5]
+
+
+def test_torch_model_exports_to_onnx(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    model = CSFlowModel(**{k: v for k, v in TINY_CSFLOW.items() if k != "lr"}).eval()
+    images = torch.rand(2, 3, 96, 160)
+    path = tmp_path / "csflow.onnx"
+    torch.onnx.export(model, (images,), str(path), input_names=["input"], output_names=["pred_score", "anomaly_map"],
+                      dynamo=False, opset_version=17)
+    pred_score, anomaly_map = onnxruntime.InferenceSession(str(path)).run(None, {"input": images.numpy()})
+    expected = model(images)
+    np.testing.assert_allclose(pred_score, expected.pred_score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(anomaly_map, expected.anomaly_map.numpy(), atol=1e-4)

@@ -26,8 +26,10 @@ def _check_block(block: torch.nn.Module) -> AllInOneBlock:
         msg = f"conv_flow_forward supports AllInOneBlock steps only, got {type(block).__name__}."
         raise TypeError(msg)
     if block.GIN or block.householder or block.reverse_pre_permute or block.conditional or block.input_rank != 2:
-        msg = ("conv_flow_forward supports unconditional 2D AllInOneBlocks without GIN, Householder or reverse "
-               "permutation (as built by conv_flow).")
+        msg = (
+            "conv_flow_forward supports unconditional 2D AllInOneBlocks without GIN, Householder or reverse "
+            "permutation (as built by conv_flow)."
+        )
         raise ValueError(msg)
     return block
 
@@ -45,13 +47,19 @@ def _coupling_coefficients(subnet: torch.nn.Module, x1: torch.Tensor) -> torch.T
     """``0.1 · subnet(x1)`` (AllInOneBlock's damping), folded into the last convolution when the subnet is
     ``conv_subnet``'s ``Conv → ReLU → Conv`` (one pass over the coefficients less)."""
     layers = list(subnet) if isinstance(subnet, torch.nn.Sequential) else []
-    if len(layers) == 3 and isinstance(layers[0], torch.nn.Conv2d) and isinstance(layers[1], torch.nn.ReLU) \
-            and isinstance(layers[2], torch.nn.Conv2d) and layers[2].bias is not None \
-            and layers[2].padding_mode == "zeros":
+    if (
+        len(layers) == 3
+        and isinstance(layers[0], torch.nn.Conv2d)
+        and isinstance(layers[1], torch.nn.ReLU)
+        and isinstance(layers[2], torch.nn.Conv2d)
+        and layers[2].bias is not None
+        and layers[2].padding_mode == "zeros"
+    ):
         last = layers[2]
         hidden = F.relu(layers[0](x1))
-        return F.conv2d(hidden, 0.1 * last.weight, 0.1 * last.bias, last.stride, last.padding, last.dilation,
-                        last.groups)
+        return F.conv2d(
+            hidden, 0.1 * last.weight, 0.1 * last.bias, last.stride, last.padding, last.dilation, last.groups
+        )
     return subnet(x1) * 0.1
 
 

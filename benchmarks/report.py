@@ -1,0 +1,69 @@
+"""Print the README's results tables from the committed JSON files in ``benchmarks/results/``.
+
+    python benchmarks/report.py > /tmp/results.md   # then paste into README.md "Results"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ACCURACY_ROWS = [
+    ("CflowAD (ours)", "bottle_cflow_ad.json"),
+    ("FastFlow (ours)", "bottle_fastflow.json"),
+    ("CSFlow (ours)", "bottle_csflow.json"),
+    ("anomalib Cflow, 1 epoch", "bottle_anomalib_cflow_1epoch.json"),
+]
+SPEED_FILES = ["cflow_cpu_speed.json", "fastflow_cpu_speed.json", "csflow_cpu_speed.json"]
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def accuracy_table() -> list[str]:
+    lines = [
+        "| model | epochs | train s | image AUROC | pixel AUROC | pixel AUPRO | map blur σ (chosen on val) | file |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, name in ACCURACY_ROWS:
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        test = result.get("test_metrics", {})
+        lines.append(
+            f"| {label} | {result.get('epochs', '–')} | {result.get('train_seconds', '–')} | "
+            f"{_cell(test.get('image_AUROC'))} | {_cell(test.get('pixel_AUROC'))} | {_cell(test.get('pixel_AUPRO'))} | "
+            f"{result.get('chosen_blur_sigma', '–')} | `benchmarks/results/{name}` |"
+        )
+    return lines
+
+
+def speed_table() -> list[str]:
+    lines = [
+        "| pair | batch | ours ms | anomalib ms | speed-up (ours/anomalib) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in SPEED_FILES:
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        for row in result["rows"]:
+            lines.append(
+                f"| {result['pair']} | {row['batch_size']} | {row['ours_ms']} | {row['anomalib_ms']} | "
+                f"**{row['speedup']}×** |"
+            )
+    return lines
+
+
+def main() -> None:
+    print("\n".join(["### Accuracy on MVTec AD bottle (test set, 256 px, CPU)", "", *accuracy_table(), "",
+                     "### Torch CPU inference speed, side by side with anomalib", "", *speed_table()]))
+
+
+if __name__ == "__main__":
+    main()
