@@ -1,6 +1,6 @@
 """Offline demo: train our flow models on the embedded synthetic dataset, test, print metrics, draw maps.
 
-    flowad-demo                       # all models, ./flowad_demo/
+    flowad-demo                       # CflowAD, FastFlow and CSFlow, ./flowad_demo/
     flowad-demo --models CflowAD --epochs 4 --output /tmp/demo
 
 Everything runs offline: data are generated (``flowad_plugins.data.SyntheticAD``), the backbone is
@@ -28,7 +28,9 @@ from flowad_plugins.data import SyntheticAD
 # Demo settings per model: small, fast, offline backbone.
 DEMO_MODELS: dict[str, dict] = {
     "CflowAD": {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 4,
-                "condition_dim": 64},
+                "condition_dim": 64, "fiber_batch_size": 256},
+    "FastFlow": {"backbone": "efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"], "flow_steps": 4},
+    "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.4"},
 }
 
 
