@@ -14,7 +14,8 @@ ACCURACY_ROWS = [
     ("CflowAD (ours)", "bottle_cflow_ad.json"),
     ("FastFlow (ours)", "bottle_fastflow.json"),
     ("CSFlow (ours)", "bottle_csflow.json"),
-    ("anomalib Cflow, 1 epoch", "bottle_anomalib_cflow_1epoch.json"),
+    ("anomalib Cflow, 1 epoch (same backbone/layers)", "schedule/anomalib_cflow_n64_e1.json"),
+    ("CflowAD (ours), 1 epoch", "schedule/ours_default_e1.json"),
 ]
 SPEED_FILES = ["cflow_cpu_speed.json", "fastflow_cpu_speed.json", "csflow_cpu_speed.json"]
 
