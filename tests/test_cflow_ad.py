@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from conftest import TINY_CFLOW
-from lightning.pytorch import seed_everything
+from conftest import TINY_CFLOW, fit_and_test
 
 from flowad_plugins import CflowAD
 from flowad_plugins.models.common import NonFiniteLossError
@@ -26,17 +25,8 @@ def _engine(tmp_path: Path, **kwargs) -> Engine:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """A CflowAD fitted for 3 epochs on the generated data, with its engine, datamodule and test metrics."""
-    from flowad_plugins.data import SyntheticAD
-
-    seed_everything(0)
-    tmp_path = tmp_path_factory.mktemp("cflow")
-    datamodule = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
-                             num_test_per_defect=3, train_batch_size=8, eval_batch_size=8)
     model = _model()
-    engine = Engine(max_epochs=3, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
-                    enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    engine, datamodule, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("cflow"))
     return model, engine, datamodule, metrics
 
 
@@ -132,3 +122,15 @@ def test_inference_cache_follows_parameter_updates() -> None:
     fresh = model(images).anomaly_map
     assert not torch.allclose(before, cached)
     torch.testing.assert_close(cached, fresh)
+
+
+def test_fiber_subsampling_keeps_each_fiber_with_its_position() -> None:
+    model = CflowAD(**TINY_CFLOW).model
+    features = torch.randn(2, 40, 4, 5)
+    fibers, positions = model.fibers(features)
+    assert fibers.shape == (40, 40) and torch.equal(positions[:20], torch.arange(20))
+    sampled, sampled_positions = model.fibers(features, max_per_image=6)
+    assert sampled.shape == (12, 40) and sampled_positions.shape == (12,)
+    for row, (fiber, position) in enumerate(zip(sampled, sampled_positions, strict=True)):
+        image = row // 6
+        torch.testing.assert_close(fiber, features[image, :, position // 5, position % 5])

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from conftest import REPO, fit_and_test, run_anomalib_train
 
 from flowad_plugins import CSFlow
 from flowad_plugins.flows import CrossScaleFlow, soft_clamp
 from flowad_plugins.models.common import NonFiniteLossError
 from flowad_plugins.models.cs_flow import CSFlowModel
-
-REPO = Path(__file__).resolve().parents[1]
-ANOMALIB = Path(sys.executable).with_name("anomalib")
 
 # efficientnet_lite0 (offline weights) layer blocks.2 (stride 8, 40 channels): 128 px → 16, 8, 4 positions.
 TINY_CSFLOW = {"backbone": "efficientnet_lite0", "layer": "blocks.2", "coupling_blocks": 2, "hidden_channels": 16,
@@ -181,17 +176,8 @@ def test_trainer_arguments_clip_the_gradient_norm() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """A CSFlow fitted for 3 epochs on the generated data, with its engine and test metrics."""
-    from flowad_plugins.data import SyntheticAD
-
-    seed_everything(0)
-    tmp_path = tmp_path_factory.mktemp("csflow")
-    datamodule = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
-                             num_test_per_defect=3, train_batch_size=8, eval_batch_size=8)
     model = _model()
-    engine = Engine(max_epochs=3, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
-                    enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    engine, _, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("csflow"))
     return model, engine, metrics
 
 
@@ -241,22 +227,12 @@ def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tm
 
 
 def test_anomalib_train_cli_runs_csflow(synthetic_root: Path, tmp_path: Path) -> None:
-    command = [
-        str(ANOMALIB), "train",
+    model_args = [
         "--config", str(REPO / "configs" / "csflow_efficientnet_lite0.yaml"),  # overridden to a tiny model
         "--model.layer", "blocks.2", "--model.coupling_blocks", "2", "--model.kernel_sizes", "[3, 5]",
         "--model.hidden_channels", "16",
-        "--data", "flowad_plugins.data.SyntheticAD",
-        "--data.root", str(synthetic_root), "--data.image_size", "128", "--data.num_train", "16",
-        "--data.num_test_good", "4", "--data.num_test_per_defect", "3", "--data.train_batch_size", "8",
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-        "--default_root_dir", str(tmp_path),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "image_AUROC" in output and "pixel_AUPRO" in output
-    assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written"
+    run_anomalib_train(model_args, synthetic_root, tmp_path)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("csflow_*.yaml")))

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from conftest import REPO, fit_and_test, run_anomalib_train
 
 from flowad_plugins import FastFlow
 from flowad_plugins.flows import conv_flow, conv_flow_forward
 from flowad_plugins.models.common import NonFiniteLossError
 from flowad_plugins.models.fastflow import FastFlowModel, default_layers
 
-REPO = Path(__file__).resolve().parents[1]
-ANOMALIB = Path(sys.executable).with_name("anomalib")
 TINY_FASTFLOW = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "flow_steps": 2,
                  "input_size": (128, 128)}
 
@@ -146,16 +142,8 @@ def test_map_log_det_adds_the_per_position_log_det() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """A FastFlow fitted for 3 epochs on the generated data, with its engine, datamodule and test metrics."""
-    from flowad_plugins.data import SyntheticAD
-
-    seed_everything(0)
-    tmp_path = tmp_path_factory.mktemp("fastflow")
-    datamodule = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
-                             num_test_per_defect=3, train_batch_size=8, eval_batch_size=8)
     model = FastFlow(**TINY_FASTFLOW)
-    engine = _engine(tmp_path, epochs=3)
-    engine.fit(model=model, datamodule=datamodule)
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    engine, datamodule, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("fastflow"))
     return model, engine, datamodule, metrics
 
 
@@ -244,17 +232,5 @@ def test_images_of_another_size_are_refused() -> None:
 def test_anomalib_train_cli_runs_fastflow(synthetic_root: Path, tmp_path: Path, config: str | None) -> None:
     model_args = ["--model", "flowad_plugins.FastFlow", "--model.backbone", "efficientnet_lite0",
                   "--model.layers", "[blocks.2, blocks.4]", "--model.flow_steps", "2"]
-    command = [
-        str(ANOMALIB), "train",
-        *(["--config", str(REPO / config), "--model.flow_steps", "2"] if config else model_args),
-        "--data", "flowad_plugins.data.SyntheticAD",
-        "--data.root", str(synthetic_root), "--data.image_size", "128", "--data.num_train", "16",
-        "--data.num_test_good", "4", "--data.num_test_per_defect", "3", "--data.train_batch_size", "8",
-        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
-        "--default_root_dir", str(tmp_path),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    assert "image_AUROC" in output and "pixel_AUPRO" in output
-    assert list(tmp_path.rglob("*.ckpt")), "no checkpoint written"
+    config_args = ["--config", str(REPO / config), "--model.flow_steps", "2"] if config else model_args
+    run_anomalib_train(config_args, synthetic_root, tmp_path)
