@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,36 +24,174 @@ import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
+from torch import nn
+
+ANOMALIB_FASTFLOW_BACKBONES = {"resnet18", "wide_resnet50_2", "cait_m48_448", "deit_base_distilled_patch16_384"}
 
 
-def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = False):
+class _FeatureDict(nn.Module):
+    """``images -> {key: trunk(images)}``: stands in for anomalib's ``TimmFeatureExtractor`` in Csflow."""
+
+    def __init__(self, trunk: nn.Module, key: str) -> None:
+        super().__init__()
+        self.trunk, self.key = trunk, key
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.key: self.trunk(images)}
+
+
+def _anomalib_pre_processor(backbone: str, image_size: int, backbone_weights=None):
+    """anomalib's resize + normalise, with the mean/std the backbone's weights were trained with.
+
+    Our extractors convert anomalib's ImageNet normalisation to the weights' own internally
+    (``flowad_plugins.backbones``); anomalib's don't, so their pre-processor gets it directly.
+    """
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from flowad_plugins.backbones import backbone_input_normalization
+
+    norm = backbone_input_normalization(backbone, True, backbone_weights)
+    return PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True),
+                                           Normalize(mean=list(norm.mean), std=list(norm.std))]))
+
+
+def _build_anomalib_model(name: str, init: dict, image_size: int):
+    """anomalib's built-in ``name`` on ``init["backbone"]`` with our offline weights.
+
+    anomalib's extractors would download ImageNet weights (impossible offline): they are built without,
+    then get the same weights our models use. Where anomalib hard-codes its backbone, the same backbone as
+    ours is swapped in (settings recorded in the result): Fastflow accepts only four names, so another timm
+    CNN gets its first three stages through the same ``features_only`` call; Csflow always builds
+    torchvision's EfficientNet-B5 (features.6.8, 304 channels, stride 32), so it gets the backbone's last
+    stride-32 stage before the head (``efficientnet_lite0``: blocks.5, 192 channels) with its flow inputs
+    sized to match.
+    """
+    from unittest import mock
+
+    import timm
+    import torchvision
+    from anomalib.models import get_model
+    from anomalib.models.image.csflow import torch_model as anomalib_csflow
+
+    from flowad_plugins.backbones import _create_timm_model, load_backbone_weights
+
+    short = name.removeprefix("anomalib.")
+    init = dict(init)
+    backbone = init.pop("backbone")
+    weights = init.pop("backbone_weights", None)
+    if short.lower() == "csflow":
+        full = _create_timm_model(backbone, True, weights)
+        trunk = nn.Sequential(full.conv_stem, full.bn1, *full.blocks[:-1]).eval().requires_grad_(False)
+        channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+
+        def random_b5(*_, **kwargs):
+            kwargs.pop("weights", None)
+            return torchvision.models.efficientnet_b5(weights=None, **kwargs)
+
+        real_input_node = anomalib_csflow.InputNode
+        with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5), \
+                mock.patch.object(anomalib_csflow, "InputNode",
+                                  lambda _c, *dims, **kw: real_input_node(channels, *dims, **kw)):
+            model = get_model(short, **init)
+        model.model.feature_extractor.feature_extractor = _FeatureDict(trunk, "features.6.8")
+        return model
+    if short.lower() == "fastflow" and backbone not in ANOMALIB_FASTFLOW_BACKBONES:
+        real_create = timm.create_model
+        with mock.patch.object(timm, "create_model", lambda _name, **kw: real_create(backbone, **kw)):
+            model = get_model(short, **{**init, "backbone": "resnet18", "pre_trained": False})
+    else:
+        model = get_model(short, **{**init, "backbone": backbone, "pre_trained": False})
+    extractor = model.model.feature_extractor if hasattr(model.model, "feature_extractor") else model.model.encoder
+    load_backbone_weights(getattr(extractor, "feature_extractor", extractor), backbone, backbone_weights=weights)
+    return model
+
+
+def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = False, image_size: int = 256):
     """Our class by name, or ``anomalib.<Name>`` for anomalib's built-in model.
 
-    anomalib's built-ins get our rank-preserving ``FlowPostProcessor`` unless asked otherwise: anomalib's
-    default clamps normalised scores to [0, 1] with the validation range, which creates ties and biases
-    AUROC/AUPRO downwards; the same post-processor for every model keeps the comparison fair.
+    anomalib's built-ins get our evaluator (AUPRO, ``val_*``) and our rank-preserving ``FlowPostProcessor``
+    unless asked otherwise: anomalib's default clamps normalised scores to [0, 1] with the validation range,
+    which creates ties and biases AUROC/AUPRO downwards; the same post-processor for every model keeps the
+    comparison fair.
     """
     if name.startswith("anomalib."):
-        from anomalib.models import get_model
-
-        from flowad_plugins.backbones import load_backbone_weights
         from flowad_plugins.models.common import FlowAnomalibModule
         from flowad_plugins.post_processing import FlowPostProcessor
 
-        init = {**init, "evaluator": FlowAnomalibModule.configure_evaluator()}  # same metrics (AUPRO, val_*)
+        extra = {"evaluator": FlowAnomalibModule.configure_evaluator(),
+                 "pre_processor": _anomalib_pre_processor(init["backbone"], image_size, init.get("backbone_weights"))}
         if not keep_anomalib_post_processor:
-            init = {**init, "post_processor": FlowPostProcessor()}
-        # anomalib's extractor would download ImageNet weights (impossible offline): build it without, then load
-        # the same weights our models use (offline package or --init backbone_weights=...).
-        weights = init.pop("backbone_weights", None)
-        model = get_model(name.removeprefix("anomalib."), **{**init, "pre_trained": False})
-        extractor = model.model.feature_extractor if hasattr(model.model, "feature_extractor") else model.model.encoder
-        load_backbone_weights(getattr(extractor, "feature_extractor", extractor), init["backbone"],
-                              backbone_weights=weights)
-        return model
+            extra["post_processor"] = FlowPostProcessor()
+        return _build_anomalib_model(name, {**init, **extra}, image_size)
     import flowad_plugins
 
-    return getattr(flowad_plugins, name)(**init)
+    model = getattr(flowad_plugins, name)(**init)
+    if image_size != 256:
+        model.pre_processor = model.configure_pre_processor((image_size, image_size))
+    return model
+
+
+def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5) -> dict:
+    """Torch eager CPU inference of the trained torch model on a ``batch_size`` batch: median ms and img/s."""
+    model.eval()
+    images = torch.randn(batch_size, 3, image_size, image_size)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(images)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"batch_size": batch_size, "median_ms": round(1000 * median, 1),
+            "images_per_second": round(batch_size / median, 1), "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def save_defect_maps(model, datamodule, path: Path, per_defect: int = 2) -> None:
+    """Post-processed anomaly maps (threshold at 0.5) of the first ``per_defect`` test images of each defect type.
+
+    Saved as ``.npz`` (images, maps, masks, names at the model's input size) for ``benchmarks/maps_figure.py``.
+    """
+    import numpy as np
+    from torch.nn import functional as F
+
+    dataset = datamodule.test_data
+    chosen, seen = [], {}
+    for index, image_path in enumerate(dataset.samples.image_path):
+        defect = Path(image_path).parent.name
+        if defect != "good" and seen.get(defect, 0) < per_defect:
+            seen[defect] = seen.get(defect, 0) + 1
+            chosen.append(index)
+    items = [dataset[i] for i in chosen]
+    images = torch.stack([item.image for item in items])
+    masks = torch.stack([item.gt_mask.float().reshape(item.image.shape[-2:]) for item in items])
+    model.eval()
+    with torch.inference_mode():
+        output = model(images)
+    maps = output.anomaly_map.reshape(len(items), 1, *output.anomaly_map.shape[-2:]).float()
+    size = maps.shape[-2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        images=F.interpolate(images, size=size, mode="bilinear", antialias=True).clamp(0, 1).numpy(),
+        maps=maps[:, 0].numpy(),
+        masks=F.interpolate(masks[:, None], size=size, mode="nearest")[:, 0].numpy(),
+        names=np.array([f"{Path(dataset.samples.image_path.iloc[i]).parent.name}/"
+                        f"{Path(dataset.samples.image_path.iloc[i]).stem}" for i in chosen]),
+    )
+
+
+def cpu_name() -> str:
+    """CPU model from /proc/cpuinfo (the platform module only says x86_64)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -69,13 +210,13 @@ def main() -> None:
                         help="evaluate anomalib's models with their own clamping post-processor")
     parser.add_argument("--skip-test", action="store_true", help="validation metrics only (for model selection)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    parser.add_argument("--save-maps", type=Path, default=None,
+                        help=".npz of post-processed maps on a few defective test images (for the figure)")
     args = parser.parse_args()
 
     seed_everything(args.seed, workers=True)
     init = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.init)}
-    model = build_model(args.model, init, args.keep_anomalib_post_processor)
-    if args.image_size != 256:
-        model.pre_processor = model.configure_pre_processor((args.image_size, args.image_size))
+    model = build_model(args.model, init, args.keep_anomalib_post_processor, args.image_size)
     datamodule = MVTecAD(
         root=args.root,
         category=args.category,
@@ -114,13 +255,16 @@ def main() -> None:
         "train_seconds": round(train_seconds, 1),
         **validation,
         "test_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "torch_cpu_inference": measure_throughput(model.model, args.image_size),
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "command": "python benchmarks/evaluate.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.save_maps and not args.skip_test:
+        save_defect_maps(model, datamodule, args.save_maps)
 
 
 if __name__ == "__main__":

