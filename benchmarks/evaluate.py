@@ -132,11 +132,15 @@ def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = Fals
     return model
 
 
-def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5) -> dict:
-    """Torch eager CPU inference of the trained torch model on a ``batch_size`` batch: median ms and img/s."""
+def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5,
+                       autocast: str = "32") -> dict:
+    """Torch eager CPU inference of the trained torch model on a ``batch_size`` batch: median ms and img/s.
+
+    ``autocast="bf16-mixed"`` times it under CPU bf16 autocast, as Lightning runs it with that precision.
+    """
     model.eval()
     images = torch.randn(batch_size, 3, image_size, image_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16-mixed"):
         for _ in range(2):
             model(images)
         times = []
@@ -209,6 +213,11 @@ def main() -> None:
     parser.add_argument("--keep-anomalib-post-processor", action="store_true",
                         help="evaluate anomalib's models with their own clamping post-processor")
     parser.add_argument("--skip-test", action="store_true", help="validation metrics only (for model selection)")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"],
+                        help="Lightning precision for training and evaluation (16-mixed needs CUDA)")
+    parser.add_argument("--rescore-checkpoint", nargs=2, type=Path, metavar=("CKPT", "RESULT_JSON"), default=None,
+                        help="skip training: load the checkpoint a run of this command wrote (same arguments) and "
+                             "re-evaluate it with the current inference code; train time is taken from its JSON")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     parser.add_argument("--save-maps", type=Path, default=None,
                         help=".npz of post-processed maps on a few defective test images (for the figure)")
@@ -228,10 +237,20 @@ def main() -> None:
         seed=args.seed,
     )
     engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
-                    default_root_dir="results_tmp")
-    start = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
+                    default_root_dir="results_tmp", precision=args.precision)
+    if args.rescore_checkpoint:  # inference-side change only: reuse the trained weights and statistics
+        rescored_from = json.loads(args.rescore_checkpoint[1].read_text())
+        # into the model built above (building another would consume random numbers and change the synthetic
+        # validation anomalies, which the datamodule draws from the global generator at setup)
+        checkpoint = torch.load(args.rescore_checkpoint[0], map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])
+        engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
+                        default_root_dir="results_tmp", precision=args.precision)
+        train_seconds = rescored_from["train_seconds"]
+    else:
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=datamodule)
+        train_seconds = time.perf_counter() - start
     validation = {}
     for sigma in args.blur_sweep or [None]:
         if sigma is not None:
@@ -252,11 +271,14 @@ def main() -> None:
         "image_size": args.image_size,
         "epochs": args.epochs,
         "seed": args.seed,
+        "precision": args.precision,
         "train_seconds": round(train_seconds, 1),
+        **({"rescored_checkpoint_of": str(args.rescore_checkpoint[1])} if args.rescore_checkpoint else {}),
         **validation,
         "test_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
-        "torch_cpu_inference": measure_throughput(model.model, args.image_size),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "torch_cpu_inference": measure_throughput(model.model, args.image_size, autocast=args.precision),
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]},
         "command": "python benchmarks/evaluate.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=1))

@@ -35,55 +35,17 @@ def cpu_name() -> str:
 
 
 def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
-    """Return (settings, ours, anomalib's) torch models in eval mode (``image_size``: for models built for one)."""
-    if pair == "cflow":
-        from anomalib.models.image.cflow.torch_model import CflowModel
+    """Return (settings, ours, anomalib's) torch models in eval mode (``image_size``: for models built for one).
 
-        from flowad_plugins.models.cflow_ad import CflowADModel
+    The pairs (same backbone/layers where anomalib allows) are defined once, in ``flowad_plugins.bench.models``.
+    """
+    from flowad_plugins.bench.models import build_pair as build_lightning_pair
 
-        settings = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 8,
-                    "condition_dim": 128, "clamp_alpha": 1.9}
-        ours = CflowADModel(backbone=settings["backbone"], layers=settings["layers"], pre_trained=True,
-                            coupling_blocks=8, condition_dim=128, clamp_alpha=1.9, permute_soft=True)
-        theirs = CflowModel(backbone=settings["backbone"], layers=settings["layers"], pre_trained=False,
-                            coupling_blocks=8, condition_vector=128, clamp_alpha=1.9, permute_soft=False)
-        return settings, ours.eval(), theirs.eval()
-    if pair == "csflow":
-        from unittest import mock
-
-        import torchvision
-        from anomalib.models.image.csflow import torch_model as anomalib_csflow
-
-        from flowad_plugins.models.cs_flow import CSFlowModel
-
-        # anomalib's Csflow at its own defaults (EfficientNet-B5 features.6.8, 304 channels, subnet width 1024,
-        # 4 blocks, clamp 3); it always downloads B5 weights, so build it with random ones (same work).
-        settings = {"ours": "CSFlowModel() defaults: efficientnet_lite0 blocks.4 (112 ch), width 112, k [3,3,3,5]",
-                    "anomalib": "CsFlowModel(input_size, cross_conv_hidden_channels=1024), EfficientNet-B5"}
-
-        def random_b5(*_, **kwargs):
-            kwargs.pop("weights", None)
-            return torchvision.models.efficientnet_b5(weights=None, **kwargs)
-
-        ours = CSFlowModel()
-        with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5):
-            theirs = anomalib_csflow.CsFlowModel(input_size=(image_size, image_size), cross_conv_hidden_channels=1024)
-        return settings, ours.eval(), theirs.eval()
-    if pair == "fastflow":
-        from anomalib.models.image.fastflow.torch_model import FastflowModel
-
-        from flowad_plugins.models.fastflow import FastFlowModel
-
-        # the paper's ResNet18 setting for both: layer1..layer3, 8 steps of 3×3 subnets, hidden ratio 1.0
-        settings = {"backbone": "resnet18", "layers": ["layer1", "layer2", "layer3"], "flow_steps": 8,
-                    "conv3x3_only": True, "hidden_ratio": 1.0}
-        ours = FastFlowModel(input_size=(image_size, image_size), backbone="resnet18", pre_trained=False,
-                             flow_steps=8, conv3x3_only=True, hidden_ratio=1.0)
-        theirs = FastflowModel(input_size=(image_size, image_size), backbone="resnet18", pre_trained=False,
-                               flow_steps=8, conv3x3_only=True, hidden_ratio=1.0)
-        return settings, ours.eval(), theirs.eval()
-    msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow', 'fastflow']."
-    raise ValueError(msg)
+    if pair not in ("cflow", "csflow", "fastflow"):
+        msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow', 'fastflow']."
+        raise ValueError(msg)
+    settings, ours, theirs = build_lightning_pair(pair, image_size)
+    return settings, ours.model.eval(), theirs.model.eval()
 
 
 def state_dict_sizes(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:

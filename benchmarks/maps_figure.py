@@ -2,7 +2,9 @@
 
 Reads the ``.npz`` files ``benchmarks/evaluate.py --save-maps`` wrote (post-processed maps: 0.5 = the model's
 threshold) and writes one grid: a row per model, a column per image; each cell is the map over the image
-(jet colour map, 0 → blue, 1 → red, fixed scale for every model) with the ground-truth outline in white.
+(jet colour map) with the ground-truth outline in white. The post-processed maps squeeze values far from the
+threshold towards 0 and 1, so each row's colours are stretched between that row's minimum and maximum over the
+shown images (display only: the ranking of pixels, and hence every metric, is unchanged).
 
     python benchmarks/maps_figure.py   # results/bottle/maps/*.npz -> results/bottle/anomaly_maps.png
 """
@@ -47,8 +49,10 @@ def _cell(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray) -> np.nd
 
 def _label(text: str, height: int, width: int = LABEL_WIDTH) -> np.ndarray:
     panel = np.full((height, width, 3), 255, np.uint8)
-    for line_number, line in enumerate(text.split("\n")):
-        cv2.putText(panel, line, (6, height // 2 - 8 + 18 * line_number), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+    lines = text.split("\n")
+    top = height // 2 + 5 - 9 * (len(lines) - 1)
+    for line_number, line in enumerate(lines):
+        cv2.putText(panel, line, (6, top + 18 * line_number), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (0, 0, 0), 1, cv2.LINE_AA)
     return panel
 
@@ -68,8 +72,10 @@ def build_figure(folder: Path) -> np.ndarray:
             names = [str(name).split("/")[0] for name in data["names"]]
             rows.append(np.hstack([_label("", 24), *[_label(name, 24, CELL) for name in names]]))
             header_done = True
+        maps = data["maps"]
+        maps = (maps - maps.min()) / max(float(maps.max() - maps.min()), 1e-12)  # display stretch per row
         cells = [_cell(image, anomaly_map, mask)
-                 for image, anomaly_map, mask in zip(data["images"], data["maps"], data["masks"], strict=True)]
+                 for image, anomaly_map, mask in zip(data["images"], maps, data["masks"], strict=True)]
         rows.append(np.hstack([_label(title.replace(" (", "\n("), CELL), *cells]))
     if not rows:
         msg = f"No map files (*.npz from benchmarks/evaluate.py --save-maps) in {folder}."

@@ -18,6 +18,8 @@ ACCURACY_ROWS = [
     ("anomalib Fastflow", "bottle/anomalib_fastflow.json"),
     ("anomalib Csflow", "bottle/anomalib_csflow.json"),
 ]
+FPS_FILE = RESULTS / "bottle" / "fps.json"  # benchmarks/bottle_fps.py: all six timed interleaved, same load
+FPS = json.loads(FPS_FILE.read_text())["images_per_second"] if FPS_FILE.is_file() else {}
 SPEED_FILES = ["cflow_cpu_speed.json", "fastflow_cpu_speed.json", "csflow_cpu_speed.json"]
 
 
@@ -38,7 +40,7 @@ def accuracy_table() -> list[str]:
             continue
         result = json.loads(path.read_text())
         test = result.get("test_metrics", {})
-        fps = result.get("torch_cpu_inference", {}).get("images_per_second", "–")
+        fps = FPS.get(Path(name).stem, "–")
         lines.append(
             f"| {label} | {result.get('epochs', '–')} | {result.get('train_seconds', '–')} | "
             f"{_cell(test.get('image_AUROC'))} | {_cell(test.get('pixel_AUROC'))} | {_cell(test.get('pixel_AUPRO'))} | "
@@ -54,7 +56,9 @@ def reproduce_commands() -> list[str]:
         path = RESULTS / name
         if path.is_file() and "command" in (result := json.loads(path.read_text())):
             lines.append(result["command"])
-    return ["```bash", *lines, "python benchmarks/maps_figure.py", "```"] if lines else []
+    if not lines:
+        return []
+    return ["```bash", *lines, "python benchmarks/bottle_fps.py", "python benchmarks/maps_figure.py", "```"]
 
 
 def speed_table() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flowad_plugins.post_processing import FlowPostProcessor
@@ -66,3 +67,30 @@ def test_separable_blur_equals_anomalibs_2d_gaussian() -> None:
     maps = torch.rand(2, 1, 40, 48)
     torch.testing.assert_close(SeparableGaussianBlur(3.0)(maps), GaussianBlur2d(sigma=3.0, channels=1)(maps),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_likelihood_aggregation_is_the_papers_sum_relative_to_training_mean() -> None:
+    """``−log Σ_l up(exp(log p_l − μ_l))``: one scale without smoothing gives ``μ − log p`` exactly; batch-free."""
+    from flowad_plugins.scoring import AnomalyScorer
+
+    torch.manual_seed(0)
+    scorer = AnomalyScorer(num_scales=2, aggregation="likelihood")
+    for scale, values in enumerate((torch.randn(64) - 1, torch.randn(64) * 2 - 3)):
+        scorer.statistics.update(scale, values)
+    scorer.statistics.commit()
+    fine, coarse = torch.randn(3, 8, 8) - 1, torch.randn(3, 4, 4) - 3
+    output = scorer([fine, coarse], (8, 8))
+    mean = scorer.statistics.mean
+    upsampled = torch.nn.functional.interpolate((coarse - mean[1]).exp()[:, None], size=(8, 8), mode="bilinear")
+    expected = -((fine - mean[0]).exp()[:, None] + upsampled).log()
+    torch.testing.assert_close(output.anomaly_map, expected)
+    torch.testing.assert_close(output.pred_score, expected.flatten(1).amax(1))
+    alone = scorer([fine[:1], coarse[:1]], (8, 8))
+    torch.testing.assert_close(alone.anomaly_map, output.anomaly_map[:1])
+
+    single = AnomalyScorer(num_scales=1, aggregation="likelihood")
+    single.statistics.update(0, torch.randn(32))
+    single.statistics.commit()
+    torch.testing.assert_close(single([fine], (8, 8)).anomaly_map[:, 0], single.statistics.mean[0] - fine)
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        AnomalyScorer(num_scales=1, aggregation="max")

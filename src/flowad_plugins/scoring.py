@@ -2,11 +2,12 @@
 
 Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` (higher = more normal).
 ``LikelihoodStatistics`` learns the mean and standard deviation of those values on normal training
-data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` turns the
-maps into a standardised negative log-likelihood per scale, upsamples each to the input size and
-averages them, then optionally smooths them (``blur_sigma``): ``anomaly_map B×1×H×W``. The image score
-is the maximum of the unsmoothed map (as PatchCore does), so smoothing serves localisation only.
-Nothing depends on the other images of a batch.
+data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
+maps into one ``anomaly_map B×1×H×W``, either as standardised negative log-likelihoods averaged over
+scales or, as the CFLOW/FastFlow papers do, as a sum of likelihoods relative to the training mean
+(``aggregation``), then optionally smooths it (``blur_sigma``). The image score is the maximum of the
+unsmoothed map (as PatchCore does), so smoothing serves localisation only. Nothing depends on the other
+images of a batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F
+
+from flowad_plugins.precision import float32_region
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -106,13 +109,35 @@ class SeparableGaussianBlur(nn.Module):
 class AnomalyScorer(nn.Module):
     """Combine per-scale log-likelihood maps into an anomaly map ``B×1×H×W`` and score ``B``.
 
+    Two ways to combine the scales, both batch-independent (only normal-training statistics enter):
+
+    - ``"standardized"``: ``(μ_l − log p_l)/σ_l`` per scale, upsampled, averaged; the map is then smoothed.
+    - ``"likelihood"``: the CFLOW/FastFlow papers' combination in the probability domain, with the
+      training mean ``μ_l`` in place of their batch maximum: ``P = Σ_l up(exp(log p_l − μ_l))``, smoothed
+      there, and returned as ``−log P`` (a monotone transform: same ranking, no saturation near 0).
+      Chosen for CflowAD and FastFlow on bottle validation data (pixel AUROC 0.856 → 0.882 and AUPRO 0.533 →
+      0.585 for CflowAD; 0.789 → 0.810 and 0.569 → 0.646 for FastFlow); CS-Flow keeps ``"standardized"``
+      (its image AUROC on validation dropped with ``"likelihood"``).
+
+    In both the image score is the maximum of the unsmoothed map: smoothing must not dilute small defects.
+
     Args:
         num_scales: number of log-likelihood maps per image.
         blur_sigma: standard deviation (input pixels) of a Gaussian smoothing of the final map; 0 = none.
+        aggregation: ``"standardized"`` or ``"likelihood"`` (see above).
     """
 
-    def __init__(self, num_scales: int, blur_sigma: float = 0.0) -> None:
+    AGGREGATIONS = ("standardized", "likelihood")
+    # exp(log p − μ) is floored at exp(−80) (float32 keeps it normal): a fiber 80 nats/dim below the
+    # training mean is anomalous by any threshold, and the floor keeps −log P finite.
+    MIN_RELATIVE_LOG_LIKELIHOOD = -80.0
+
+    def __init__(self, num_scales: int, blur_sigma: float = 0.0, aggregation: str = "standardized") -> None:
         super().__init__()
+        if aggregation not in self.AGGREGATIONS:
+            msg = f"aggregation must be one of {list(self.AGGREGATIONS)}, got {aggregation!r}."
+            raise ValueError(msg)
+        self.aggregation = aggregation
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
 
@@ -130,7 +155,16 @@ class AnomalyScorer(nn.Module):
         self.blur = SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
 
     def forward(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
-        """``log_likelihoods[l]``: ``B×h_l×w_l``; ``output_size``: ``(H, W)`` of the input images."""
+        """``log_likelihoods[l]``: ``B×h_l×w_l``; ``output_size``: ``(H, W)`` of the input images.
+
+        Runs in float32 even under autocast: a bf16 map (8-bit mantissa) would tie scores and bias AUROC/AUPRO.
+        """
+        with float32_region(log_likelihoods[0].device.type):
+            if self.aggregation == "likelihood":
+                return self._score_likelihood(log_likelihoods, output_size)
+            return self._score(log_likelihoods, output_size)
+
+    def _score(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         stats = self.statistics
         maps = []
         for scale, log_likelihood in enumerate(log_likelihoods):
@@ -142,3 +176,15 @@ class AnomalyScorer(nn.Module):
         combined = torch.stack(maps, dim=0).mean(dim=0)
         pred_score = combined.flatten(1).amax(dim=1)  # from the unsmoothed map: blur must not dilute small defects
         return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(combined))
+
+    def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
+        """``−log Σ_l up(exp(log p_l − μ_l))``, smoothed in the probability domain (see the class docstring)."""
+        stats = self.statistics
+        probability = None
+        for scale, log_likelihood in enumerate(log_likelihoods):
+            relative = (log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD)
+            upsampled = F.interpolate(relative.exp().unsqueeze(1), size=tuple(output_size), mode="bilinear",
+                                      align_corners=False)
+            probability = upsampled if probability is None else probability + upsampled
+        pred_score = -probability.flatten(1).amin(dim=1).log()
+        return InferenceBatch(pred_score=pred_score, anomaly_map=-self.blur(probability).log())

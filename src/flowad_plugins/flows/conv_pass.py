@@ -34,13 +34,25 @@ def _check_block(block: torch.nn.Module) -> AllInOneBlock:
     return block
 
 
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def permutation_index(block: AllInOneBlock) -> torch.Tensor | None:
-    """Channel order ``out[i] = in[index[i]]`` of a hard-permutation block, ``None`` for a soft (dense) one."""
+    """Channel order ``out[i] = in[index[i]]`` of a hard-permutation block, ``None`` for a soft (dense) one.
+
+    Whether ``w_perm`` is one-hot is a data-dependent test that ``torch.export`` cannot trace, so it runs
+    eagerly and its answer is remembered on the block; while exporting, the remembered answer decides (never
+    seen: the dense path, always correct) and the index itself stays a graph op on the exported weights.
+    """
     weight = block.w_perm.detach().flatten(1)
     index = weight.argmax(dim=1)
-    if torch.equal(weight, F.one_hot(index, weight.shape[1]).to(weight.dtype)):
-        return index
-    return None
+    if _is_exporting():
+        hard = getattr(block, "_flowad_hard_permutation", False)
+    else:
+        hard = torch.equal(weight, F.one_hot(index, weight.shape[1]).to(weight.dtype))
+        block._flowad_hard_permutation = hard
+    return index if hard else None
 
 
 def _coupling_coefficients(subnet: torch.nn.Module, x1: torch.Tensor) -> torch.Tensor:

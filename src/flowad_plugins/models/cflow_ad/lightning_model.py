@@ -16,7 +16,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 from torch.nn import functional as F
 
-from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.models.common import FlowAnomalibModule, all_reduce_max
 from flowad_plugins.schedules import warmup_cosine
 
 from .torch_model import CflowADModel
@@ -113,6 +113,8 @@ class CflowAD(FlowAnomalibModule):
         sizes = [tuple(feature_map.shape[-2:]) for feature_map in features]
         fibers = [self.model.fibers(feature_map, self.max_fibers_per_image) for feature_map in features]
         steps = max(math.ceil(layer_fibers.shape[0] / self.fiber_batch_size) for layer_fibers, _ in fibers)
+        # DDP: every rank must take the same number of Adam steps (each backward all-reduces the gradients)
+        steps = all_reduce_max(steps, batch.image.device)
         orders = [
             torch.randperm(layer_fibers.shape[0], device=layer_fibers.device).chunk(steps) for layer_fibers, _ in fibers
         ]
@@ -121,15 +123,16 @@ class CflowAD(FlowAnomalibModule):
             optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=batch.image.device)
             for layer, ((layer_fibers, positions), order) in enumerate(zip(fibers, orders, strict=True)):
-                if step >= len(order):  # torch.chunk may return fewer chunks for a small layer
-                    continue
-                index = order[step]
+                # torch.chunk returns fewer chunks than steps for a layer with few fibers: such a layer revisits
+                # its chunks, so every decoder takes part in every step (DDP expects every parameter's gradient)
+                index = order[step % len(order)]
                 log_likelihood = self.model.fiber_log_likelihood(
                     layer, layer_fibers[index], positions[index], sizes[layer]
                 )
                 loss = loss + (-F.logsigmoid(log_likelihood)).mean()
-                self.model.scorer.statistics.update(layer, log_likelihood)
-            self.check_finite_loss(loss)
+                if step < len(order):  # statistics count each fiber once
+                    self.model.scorer.statistics.update(layer, log_likelihood)
+            self.check_finite_loss(loss, batch.image)
             self.manual_backward(loss)
             optimizer.step()
             total_loss += loss.detach()

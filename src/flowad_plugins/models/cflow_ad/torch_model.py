@@ -11,6 +11,7 @@ from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import PositionalEncoding2D, fiber_condition_terms, fiber_flow, fiber_flow_forward
+from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
 
@@ -61,7 +62,7 @@ class CflowADModel(nn.Module):
             fiber_flow(channels, coupling_blocks, clamp_alpha, condition_dim=condition_dim, permute_soft=permute_soft)
             for channels in self.encoder.channels
         )
-        self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
+        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood")
         self.inference_chunk_size = inference_chunk_size
         # (layer, h, w, device, dtype) -> (decoder parameter versions, per-block condition terms); inference only
         self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
@@ -85,8 +86,15 @@ class CflowADModel(nn.Module):
         """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
 
         The positional condition is projected once per position (``flows.fiber_flow_forward``), not per fiber;
-        without gradients the projection is cached until the decoder's parameters change.
+        without gradients the projection is cached until the decoder's parameters change. The flow runs in
+        float32 even under autocast (``flowad_plugins.precision``).
         """
+        with float32_region(fibers.device.type):
+            return self._fiber_log_likelihood(layer, as_float32(fibers), positions, map_size)
+
+    def _fiber_log_likelihood(
+        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor, map_size: tuple[int, int]
+    ) -> torch.Tensor:
         decoder = self.decoders[layer]
         table = self.positional_encoding(*map_size, device=fibers.device)
         terms = None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
@@ -14,7 +15,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
 
-from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.models.common import FlowAnomalibModule, distributed_world_size
 from flowad_plugins.schedules import warmup_cosine
 
 from .torch_model import CSFlowModel
@@ -113,6 +114,33 @@ class CSFlow(FlowAnomalibModule):
         if self.input_size is not None:
             self.model.check_input_size(tuple(self.input_size))
 
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Under DDP, initialise the data-dependent input norm from the first batch of *all* ranks.
+
+        Alone, every rank would standardise with its own first batch, and DDP (which synchronises gradients,
+        not values set outside backward) would leave the ranks' flows different for the rest of training.
+        """
+        del batch_idx
+        norm = self.model.flow.input_norm
+        if norm is None or bool(norm.initialized) or distributed_world_size() == 1:
+            return
+        with torch.no_grad():
+            features = self.model.features(batch.image)
+        # per scale and channel: count, Σx, Σx² over the ranks' first batches (float64)
+        sums = torch.stack([
+            torch.stack([torch.full((x.shape[1],), x[:, 0].numel(), dtype=torch.float64, device=x.device),
+                         x.double().sum(dim=(0, 2, 3)), x.double().pow(2).sum(dim=(0, 2, 3))])
+            for x in features
+        ])  # S×3×C
+        dist.all_reduce(sums)
+        count, total, squares = sums.unbind(dim=1)
+        mean = total / count
+        std = ((squares - count * mean.pow(2)) / (count - 1).clamp_min(1)).clamp_min(0).sqrt().clamp_min(1e-6)
+        with torch.no_grad():
+            norm.bias.copy_(-mean.to(norm.bias.dtype))
+            norm.log_scale.copy_(-std.log().to(norm.log_scale.dtype))
+            norm.initialized.fill_(True)
+
     def configure_optimizers(self) -> torch.optim.Optimizer | OptimizerLRSchedulerConfig:
         """Adam (lr, weight decay) on the flow; optional warm-up + cosine stepped per batch."""
         optimizer = torch.optim.Adam(self.model.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -128,7 +156,7 @@ class CSFlow(FlowAnomalibModule):
         squared = sum(z.float().pow(2).flatten(1).sum(dim=1) for z in latents)
         dimensions = sum(z[0].numel() for z in latents)
         loss = ((0.5 * squared - log_jac_det.float()) / dimensions).mean()
-        self.check_finite_loss(loss)
+        self.check_finite_loss(loss, batch.image)
         for scale, log_likelihood in enumerate(self.model.log_likelihood_maps(latents)):
             self.model.scorer.statistics.update(scale, log_likelihood.detach())
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import CrossScaleFlow
+from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer
 
 
@@ -116,9 +117,10 @@ class CSFlowModel(nn.Module):
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
         if not _is_exporting():
             self.check_input_size(images.shape[-2:])
-        features = self.features(images)
-        if self.training:
-            return self.flow(features)
-        with torch.no_grad():
-            latents, _ = self.flow(features)
-            return self.scorer(self.log_likelihood_maps(latents), images.shape[-2:])
+        features = [as_float32(feature) for feature in self.features(images)]  # flow in float32 under autocast
+        with float32_region(images.device.type):
+            if self.training:
+                return self.flow(features)
+            with torch.no_grad():
+                latents, _ = self.flow(features)
+                return self.scorer(self.log_likelihood_maps(latents), images.shape[-2:])

@@ -121,7 +121,7 @@ class FastFlow(FlowAnomalibModule):
             loss = loss - log_likelihood.mean()
             map_values = log_likelihood if self.model.map_log_det else self.model.log_likelihood_map(z, log_det)
             self.model.scorer.statistics.update(scale, map_values.detach())
-        self.check_finite_loss(loss)
+        self.check_finite_loss(loss, batch.image)
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
         return {"loss": loss}
 

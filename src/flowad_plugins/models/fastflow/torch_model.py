@@ -12,6 +12,7 @@ from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow, conv_flow_forward
+from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
 # The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
@@ -106,7 +107,7 @@ class FastFlowModel(nn.Module):
         self.norms = nn.ModuleList()
         self.flows = nn.ModuleList()
         self._build_heads()
-        self.scorer = AnomalyScorer(num_scales=len(self.encoder.layers), blur_sigma=blur_sigma)
+        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood")
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
@@ -166,10 +167,14 @@ class FastFlowModel(nn.Module):
         images: torch.Tensor,
         with_log_det: bool = True,
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l or None)]`` for images ``B×3×H×W``."""
+        """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l or None)]`` for images ``B×3×H×W``.
+
+        Under autocast only the backbone runs in reduced precision; norms and flows stay float32.
+        """
         features = self.encoder(images)
-        return [conv_flow_forward(flow, norm(feature).contiguous(), with_log_det)
-                for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
+        with float32_region(images.device.type):
+            return [conv_flow_forward(flow, norm(as_float32(feature)).contiguous(), with_log_det)
+                    for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
 
     def log_likelihood_map(self, z: torch.Tensor, log_det: torch.Tensor | None) -> torch.Tensor:
         """Per-position log-likelihood per dimension ``B×h×w`` used for the anomaly map."""

@@ -1,0 +1,69 @@
+"""Torch CPU throughput (img/s, batch 8, 256 px) of the six models in the bottle table, measured interleaved.
+
+The models are built exactly as ``benchmarks/evaluate.py`` builds them (same backbone, layers, flows); flow
+weights don't change the work, so they stay as initialised. Every round times each model once, in turn, so
+all six see the same machine load; the figure is the median over rounds. Writes
+``benchmarks/results/bottle/fps.json``, which ``benchmarks/report.py`` reads for the table's FPS column.
+
+    python benchmarks/bottle_fps.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import track
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import build_model, cpu_name
+
+LITE0 = {"backbone": "efficientnet_lite0"}
+MODELS = {
+    "cflow_ad": ("CflowAD", {**LITE0, "layers": ["blocks.2", "blocks.4"]}),
+    "fastflow": ("FastFlow", {**LITE0, "layers": ["blocks.1", "blocks.2", "blocks.4"]}),
+    "csflow": ("CSFlow", LITE0),
+    "anomalib_cflow": ("anomalib.Cflow", {**LITE0, "layers": ["blocks.2", "blocks.4"]}),
+    "anomalib_fastflow": ("anomalib.Fastflow", LITE0),
+    "anomalib_csflow": ("anomalib.Csflow", LITE0),
+}
+
+
+def main(batch_size: int = 8, rounds: int = 7) -> None:
+    torch.manual_seed(0)
+    models = {key: build_model(name, dict(init)).model.eval() for key, (name, init) in MODELS.items()}
+    images = torch.rand(batch_size, 3, 256, 256)
+    times: dict[str, list[float]] = {key: [] for key in models}
+    loads = []
+    with torch.inference_mode():
+        for model in models.values():
+            model(images)
+        for _ in track(range(rounds), description="timing six models"):
+            loads.append(os.getloadavg()[0])
+            for key, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                times[key].append(time.perf_counter() - start)
+    result = {
+        "batch_size": batch_size,
+        "image_size": 256,
+        "rounds": rounds,
+        "images_per_second": {key: round(batch_size / statistics.median(t), 1) for key, t in times.items()},
+        "median_ms": {key: round(1000 * statistics.median(t), 1) for key, t in times.items()},
+        "raw_seconds": times,
+        "load_average_1min": loads,
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "command": "python benchmarks/bottle_fps.py",
+    }
+    out = Path(__file__).resolve().parent / "results" / "bottle" / "fps.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["images_per_second"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

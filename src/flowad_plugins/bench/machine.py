@@ -1,0 +1,80 @@
+"""What machine and software a benchmark ran on: CPU model, cores, RAM, GPU, library versions, threads."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+VERSIONED_PACKAGES = ("torch", "anomalib", "openvino", "onnxruntime", "onnx", "nncf", "timm", "FrEIA",
+                      "flowad-plugins")
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int | None:
+    """Physical core count (psutil), or ``None`` when unknown."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False)
+    except ImportError:
+        return None
+
+
+def total_ram_gib() -> float | None:
+    """Installed RAM in GiB."""
+    try:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages whose speed matters here (``None`` = not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """CUDA device name and memory when torch sees one, else ``None``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    properties = torch.cuda.get_device_properties(0)
+    return {"name": properties.name, "memory_gib": round(properties.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda}
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Everything needed to judge a figure: CPU, cores, RAM, GPU, OS, versions and the thread count used."""
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "ram_gib": total_ram_gib(),
+        "gpu": gpu_info(),
+        "os": f"{platform.system()} {platform.release()}",
+        "threads": threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": package_versions(),
+    }
