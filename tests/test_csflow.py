@@ -176,6 +176,9 @@ def test_trainer_arguments_clip_the_gradient_norm() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """A CSFlow fitted for 3 epochs on the generated data, with its engine and test metrics."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)  # before construction: the flows' initial weights are random too, independent of test order
     model = _model()
     engine, _, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("csflow"))
     return model, engine, metrics

@@ -142,6 +142,9 @@ def test_map_log_det_adds_the_per_position_log_det() -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """A FastFlow fitted for 3 epochs on the generated data, with its engine, datamodule and test metrics."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)  # before construction: the flows' initial weights are random too, independent of test order
     model = FastFlow(**TINY_FASTFLOW)
     engine, datamodule, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("fastflow"))
     return model, engine, datamodule, metrics
