@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from torch import nn
+
+from flowad_plugins.bench.machine import cpu_model as cpu_name
 
 ANOMALIB_FASTFLOW_BACKBONES = {"resnet18", "wide_resnet50_2", "cait_m48_448", "deit_base_distilled_patch16_384"}
 
@@ -187,15 +188,6 @@ def save_defect_maps(model, datamodule, path: Path, per_defect: int = 2) -> None
     )
 
 
-def cpu_name() -> str:
-    """CPU model from /proc/cpuinfo (the platform module only says x86_64)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as TF
 
 import flowad_plugins
+from flowad_plugins.bench.machine import cpu_model as cpu_name
 from flowad_plugins.export import export_model, openvino_config, quantize_on_normal_images
 
 FP32_MAP_TOLERANCE = 1e-3
@@ -50,14 +50,6 @@ VARIANTS = ("fp32", "fp16", "int8", "int8_ptq", "int8_ptq_all")
 HINTS = ("f32", "default")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_test_set(datamodule: MVTecAD, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,17 +21,11 @@ from pathlib import Path
 import torch
 from rich.progress import track
 
+from flowad_plugins.bench.machine import cpu_model as cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
