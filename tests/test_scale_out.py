@@ -109,7 +109,10 @@ def _ddp_script(root: Path, out: Path) -> None:
     for run_name, name, overrides in DDP_RUNS:
         seed_everything(0)
         model = build(name, **overrides)
-        run = engine(out / run_name, DDP_EPOCHS, strategy="ddp", devices=2)
+        # a folder per rank: anomalib's Engine creates a new versioned folder in every rank, and two ranks racing
+        # for the same "v0" fail with FileExistsError
+        run = engine(out / run_name / f"rank{os.environ.get('LOCAL_RANK', '0')}", DDP_EPOCHS, strategy="ddp",
+                     devices=2)
         run.fit(model=model, datamodule=datamodule(root, 4))
         rank = run.trainer.global_rank
         torch.save(model_state(model), out / f"{run_name}_rank{rank}.pt")
