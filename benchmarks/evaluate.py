@@ -197,6 +197,8 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="also stop training after this much wall time (the CPU budget; epochs run are recorded)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", nargs="*", default=[], help="model init args key=yaml_value")
@@ -211,6 +213,8 @@ def main() -> None:
                         help="skip training: load the checkpoint a run of this command wrote (same arguments) and "
                              "re-evaluate it with the current inference code; train time is taken from its JSON")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    parser.add_argument("--save-checkpoint", type=Path, default=None,
+                        help="write the trained model's checkpoint here (for --rescore-checkpoint)")
     parser.add_argument("--save-maps", type=Path, default=None,
                         help=".npz of post-processed maps on a few defective test images (for the figure)")
     args = parser.parse_args()
@@ -228,8 +232,9 @@ def main() -> None:
         val_split_ratio=0.2,
         seed=args.seed,
     )
+    budget = {"max_time": {"minutes": args.max_minutes}} if args.max_minutes else {}
     engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
-                    default_root_dir="results_tmp", precision=args.precision)
+                    default_root_dir="results_tmp", precision=args.precision, **budget)
     if args.rescore_checkpoint:  # inference-side change only: reuse the trained weights and statistics
         rescored_from = json.loads(args.rescore_checkpoint[1].read_text())
         # into the model built above (building another would consume random numbers and change the synthetic
@@ -243,6 +248,9 @@ def main() -> None:
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         train_seconds = time.perf_counter() - start
+        if args.save_checkpoint:
+            args.save_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            engine.trainer.save_checkpoint(args.save_checkpoint)
     validation = {}
     for sigma in args.blur_sweep or [None]:
         if sigma is not None:
@@ -262,6 +270,7 @@ def main() -> None:
         "category": args.category,
         "image_size": args.image_size,
         "epochs": args.epochs,
+        **({"max_minutes": args.max_minutes, "epochs_run": engine.trainer.current_epoch} if args.max_minutes else {}),
         "seed": args.seed,
         "precision": args.precision,
         "train_seconds": round(train_seconds, 1),

@@ -11,14 +11,78 @@ import torch
 from flowad_plugins.backbones import BackboneWeightsError, FeatureExtractor, offline_weights_file
 
 
+def _unfolded_reference(backbone: str, layers: list[str], state_dict: dict) -> torch.nn.Module:
+    """A plain timm ``features_only`` model (batch-norms not folded) with ``state_dict`` (timm key names)."""
+    names = [info["module"] for info in timm.create_model(backbone, pretrained=False).feature_info]
+    model = timm.create_model(backbone, pretrained=False, features_only=True,
+                              out_indices=[names.index(layer) for layer in layers])
+    model.load_state_dict({key: state_dict[key] for key in model.state_dict()})
+    return model.eval()
+
+
 def test_efficientnet_lite0_gets_real_imagenet_weights_offline() -> None:
+    from flowad_plugins.backbones import load_backbone_weights
+
     path = offline_weights_file("efficientnet_lite0")
     assert path is not None and path.is_file()
     source = torch.load(path, map_location="cpu", weights_only=True)
     extractor = FeatureExtractor("efficientnet_lite0", ["blocks.2", "blocks.4"], pre_trained=True)
-    loaded = extractor.extractor.model.conv_stem.weight
-    assert torch.equal(loaded, source["_conv_stem.weight"])
-    assert torch.equal(extractor.extractor.model.blocks[2][0].conv_pw.weight, source["_blocks.3._expand_conv.weight"])
+    # the stem conv holds the package's weights, with the package's batch-norm folded in
+    norm = {name: source[f"_bn0.{name}"] for name in ("weight", "bias", "running_mean", "running_var")}
+    eps = dict(((conv, norm_name), eps) for conv, norm_name, eps in extractor.folded_batch_norms)[
+        ("model.conv_stem", "model.bn1")]
+    scale = norm["weight"] / torch.sqrt(norm["running_var"] + eps)
+    torch.testing.assert_close(extractor.extractor.model.conv_stem.weight,
+                               source["_conv_stem.weight"] * scale.view(-1, 1, 1, 1))
+    # and every feature equals the unfolded model's with the same weights
+    weights = load_backbone_weights(timm.create_model("efficientnet_lite0", pretrained=False), "efficientnet_lite0")
+    reference = _unfolded_reference("efficientnet_lite0", ["blocks.2", "blocks.4"], weights.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    expected = reference(images * extractor.input_scale + extractor.input_shift)
+    for got, want in zip(extractor(images), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_norms_are_folded_and_old_checkpoints_still_load() -> None:
+    reference_model = timm.create_model("resnet18", pretrained=False)
+    for module in reference_model.modules():  # non-trivial statistics, so folding really changes the weights
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], pre_trained=False)
+    assert len(extractor.folded_batch_norms) == 10  # stem, 8 block convs, the stride-2 downsample
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    # a state dict saved before folding (batch-norm keys, conv without bias) is folded while loading
+    unfolded_state = {f"extractor.model.{key}": value for key, value in reference_model.state_dict().items()
+                      if not key.startswith(("layer3", "layer4", "fc"))}
+    extractor.load_state_dict(unfolded_state)
+    images = torch.randn(2, 3, 64, 64)
+    expected = _unfolded_reference("resnet18", ["layer1", "layer2"], reference_model.state_dict())(images)
+    for got, want in zip(extractor(images), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_norm_folding_is_undone_when_it_would_change_the_outputs() -> None:
+    from flowad_plugins.backbones import fold_batch_norms
+
+    class SharedConvOutput(torch.nn.Module):  # the conv output also feeds a residual: folding would be wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.norm(y) + y
+
+    model = SharedConvOutput().eval()
+    model.norm.running_var.fill_(4.0)
+    images = torch.randn(1, 3, 8, 8)
+    before = model(images)
+    assert fold_batch_norms(model, (8, 8)) == []
+    assert isinstance(model.norm, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(model(images), before)
 
 
 def test_feature_shapes_and_frozen_eval_mode() -> None:
@@ -37,7 +101,10 @@ def test_local_weights_file_is_loaded(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save({"state_dict": reference.state_dict()}, path)
     extractor = FeatureExtractor("resnet18", ["layer1", "layer2"], pre_trained=False, backbone_weights=path)
-    assert torch.equal(extractor.extractor.model.conv1.weight, reference.conv1.weight)
+    images = torch.randn(1, 3, 64, 64)
+    expected = _unfolded_reference("resnet18", ["layer1", "layer2"], reference.state_dict())(images)
+    for got, want in zip(extractor(images), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_local_weights_file_of_wrong_architecture_is_refused(tmp_path: Path) -> None:
@@ -109,7 +176,10 @@ def test_offline_lite_weights_get_the_normalisation_they_were_trained_with() -> 
     direct = extractor.extractor(((raw - 0.5) / 0.5).contiguous(memory_format=torch.channels_last))[0]
     torch.testing.assert_close(ours, direct, rtol=1e-4, atol=1e-4)
 
-    stem, bn = extractor.extractor.model.conv_stem, extractor.extractor.model.bn1
+    from flowad_plugins.backbones import load_backbone_weights
+
+    unfolded = load_backbone_weights(timm.create_model("efficientnet_lite0", pretrained=False), "efficientnet_lite0")
+    stem, bn = unfolded.conv_stem, unfolded.bn1
     with torch.no_grad():
         variance_ratio = {name: (stem(x).var((0, 2, 3)) / bn.running_var).median().item()
                           for name, x in (("tf", (raw - 0.5) / 0.5), ("imagenet", (raw - mean) / std))}

@@ -69,6 +69,18 @@ def test_separable_blur_equals_anomalibs_2d_gaussian() -> None:
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("size", [(40, 48), (5, 7), (1, 9)])
+def test_blur_matrix_pass_equals_convolution_pass(size: tuple[int, int]) -> None:
+    """The cached-matrix (eager) and convolution (export) passes agree, also when the kernel is truncated."""
+    from flowad_plugins.scoring import SeparableGaussianBlur
+
+    maps = torch.rand(3, 1, *size)
+    blur = SeparableGaussianBlur(3.0)
+    by_matrix = blur(maps)
+    blur.MAX_MATRIX_SIZE = 0
+    torch.testing.assert_close(by_matrix, blur(maps), atol=1e-6, rtol=1e-5)
+
+
 def test_likelihood_aggregation_is_the_papers_sum_relative_to_training_mean() -> None:
     """``−log Σ_l up(exp(log p_l − μ_l))``: one scale without smoothing gives ``μ − log p`` exactly; batch-free."""
     from flowad_plugins.scoring import AnomalyScorer

@@ -39,6 +39,7 @@ __all__ = [
     "FeatureExtractor",
     "InputNormalization",
     "backbone_input_normalization",
+    "fold_batch_norms",
     "load_backbone_weights",
     "offline_weights_file",
 ]
@@ -74,6 +75,10 @@ class InputNormalization(tuple):
 
     def __new__(cls, mean: Sequence[float], std: Sequence[float]) -> InputNormalization:
         return super().__new__(cls, (tuple(float(m) for m in mean), tuple(float(s) for s in std)))
+
+    def __getnewargs__(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        # copy/deepcopy/pickle rebuild through __new__(mean, std)
+        return (self[0], self[1])
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -234,6 +239,86 @@ def load_backbone_weights(
     return module
 
 
+def _folded_conv_parameters(
+    weight: torch.Tensor, bias: torch.Tensor | None, norm: dict[str, torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``O×I×k×k`` and bias ``O`` of ``conv`` followed by an eval-mode batch-norm, as one conv."""
+    scale = norm["weight"] / torch.sqrt(norm["running_var"] + eps)
+    folded_bias = (bias if bias is not None else torch.zeros_like(scale)) - norm["running_mean"]
+    return weight * scale.view(-1, 1, 1, 1), folded_bias * scale + norm["bias"]
+
+
+@torch.no_grad()
+def fold_batch_norms(
+    model: nn.Module, example_input_size: tuple[int, int], tolerance: float = 1e-4
+) -> list[tuple[str, str, float]]:
+    """Fold every eval-mode batch-norm that directly follows a ``Conv2d`` into that conv, in place.
+
+    The pairs are found by running ``model`` once on a random ``1×3×H×W`` input and matching each
+    batch-norm's input tensor to the conv that produced it, so no architecture is hard-coded. A
+    batch-norm with a built-in activation (timm's ``BatchNormAct2d``) keeps its dropout/activation.
+    The folded model is checked against the original on that input; if any output differs by more than
+    ``tolerance`` (relative), everything is restored and nothing is folded.
+
+    Returns the folded ``(conv name, batch-norm name, eps)`` (module names within ``model``).
+    """
+    produced_by: dict[int, tuple[str, nn.Module]] = {}
+    pairs: list[tuple[str, nn.Conv2d, str, nn.Module]] = []
+    alive: list[torch.Tensor] = []  # keeps traced tensors alive so their ids stay unique
+
+    def record(name: str, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        alive.append(output)
+        source = produced_by.get(id(inputs[0])) if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and source and isinstance(source[1], nn.Conv2d):
+            pairs.append((source[0], source[1], name, module))
+        produced_by[id(output)] = (name, module)
+
+    hooks = [
+        module.register_forward_hook(lambda mod, inputs, output, name=name: record(name, mod, inputs, output))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.modules.batchnorm._BatchNorm)
+    ]
+    example = torch.randn(1, 3, *example_input_size, generator=torch.Generator().manual_seed(0))  # global RNG untouched
+    try:
+        reference = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pairs = [pair for pair in pairs if not pair[3].training and pair[3].track_running_stats]
+    originals = [(conv.weight.data, conv.bias, norm) for _, conv, _, norm in pairs]
+    for _, conv, norm_name, norm in pairs:
+        norm_tensors = {"weight": norm.weight if norm.affine else torch.ones_like(norm.running_var),
+                        "bias": norm.bias if norm.affine else torch.zeros_like(norm.running_mean),
+                        "running_mean": norm.running_mean, "running_var": norm.running_var}
+        weight, bias = _folded_conv_parameters(conv.weight.data, conv.bias, norm_tensors, norm.eps)
+        conv.weight.data = weight.contiguous()
+        conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        remaining = [m for m in (getattr(norm, "drop", None), getattr(norm, "act", None)) if m is not None]
+        _replace_module(model, norm_name, nn.Sequential(*remaining) if remaining else nn.Identity())
+    folded = model(example)
+    if not _outputs_close(reference, folded, tolerance):
+        for (_, conv, norm_name, _), (weight, bias, norm) in zip(pairs, originals, strict=True):
+            conv.weight.data, conv.bias = weight, bias
+            _replace_module(model, norm_name, norm)
+        logger.warning("Batch-norm folding changed the outputs of %s; left unfolded.", type(model).__name__)
+        return []
+    return [(conv_name, norm_name, float(norm.eps)) for conv_name, _, norm_name, norm in pairs]
+
+
+def _replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _outputs_close(reference: object, candidate: object, tolerance: float) -> bool:
+    reference = list(reference) if isinstance(reference, list | tuple) else [reference]
+    candidate = list(candidate) if isinstance(candidate, list | tuple) else [candidate]
+    pairs = zip(reference, candidate, strict=True)
+    return all((r - c).abs().max() <= tolerance * r.abs().max().clamp_min(1e-12) for r, c in pairs)
+
+
 class FeatureExtractor(nn.Module):
     """Frozen timm backbone returning feature maps of the requested layers.
 
@@ -292,10 +377,29 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("input_shift", (imagenet_mean - mean) / std, persistent=False)
         self.extractor.eval()
         self.extractor.requires_grad_(False)
+        # Frozen batch-norms are affine maps: fold them into the preceding convolutions (~1.4× faster
+        # lite0 on CPU). Checkpoints written before folding still load (``_fold_incoming_batch_norms``).
+        self.folded_batch_norms: list[tuple[str, str, float]] = [] if self.is_transformer else fold_batch_norms(
+            self.extractor, example_input_size=self.nearest_valid_input_size((64, 64))
+        )
+        self.register_load_state_dict_pre_hook(self._fold_incoming_batch_norms)
         # CNNs run channels-last: oneDNN's native CPU layout (~1.5× faster for ResNets here). Outputs stay
         # channels-last, which also makes the NHWC fiber view of CFLOW-AD a free reshape.
         if not self.is_transformer:
             self.extractor.to(memory_format=torch.channels_last)
+
+    def _fold_incoming_batch_norms(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+        """Load hook: fold batch-norm entries of a state dict saved before folding into their convolutions."""
+        for conv_name, norm_name, eps in self.folded_batch_norms:
+            conv_key, norm_key = f"{prefix}extractor.{conv_name}.", f"{prefix}extractor.{norm_name}."
+            if f"{norm_key}running_var" not in state_dict:
+                continue
+            norm = {name: state_dict.pop(f"{norm_key}{name}") for name in
+                    ("weight", "bias", "running_mean", "running_var")}
+            state_dict.pop(f"{norm_key}num_batches_tracked", None)
+            weight, bias = _folded_conv_parameters(state_dict[f"{conv_key}weight"],
+                                                   state_dict.get(f"{conv_key}bias"), norm, eps)
+            state_dict[f"{conv_key}weight"], state_dict[f"{conv_key}bias"] = weight, bias
 
     @staticmethod
     def _fixed_input_size(model: nn.Module) -> tuple[int, int] | None:

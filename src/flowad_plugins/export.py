@@ -211,7 +211,7 @@ def backbone_conv_count(module: AnomalibModule, input_size: Sequence[int] | None
 
 
 def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, str]:
-    """``{node name: op type}`` of the ONNX nodes after the backbone (flow head, scorer, post-processor).
+    """``{node name: op type}`` of the image-dependent ONNX nodes after the backbone (flow head, scorer, …).
 
     The exported graph runs the whole backbone before the flow head (all three models), and the dynamo
     exporter keeps that order: the tail is every node after the ``backbone_convs``-th ``Conv``. (The exporter's
@@ -220,13 +220,21 @@ def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, st
     """
     import onnx
 
-    nodes = list(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    nodes = list(graph.node)
     conv_positions = [index for index, node in enumerate(nodes) if node.op_type == "Conv"]
     if backbone_convs < 1 or len(conv_positions) < backbone_convs:
         msg = f"{onnx_path} has {len(conv_positions)} Conv nodes, fewer than the backbone's {backbone_convs}."
         raise ValueError(msg)
     boundary = conv_positions[backbone_convs - 1]
-    return {node.name: node.op_type for node in nodes[boundary + 1 :]}
+    # only nodes that depend on the image: weight-only subgraphs (e.g. folded flow weights) become constants in OpenVINO
+    dynamic = {value.name for value in graph.input}
+    depends_on_input = set()
+    for node in nodes:
+        if any(name in dynamic for name in node.input):
+            dynamic.update(node.output)
+            depends_on_input.add(node.name)
+    return {node.name: node.op_type for node in nodes[boundary + 1 :] if node.name in depends_on_input}
 
 
 def backbone_only_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_convs: int) -> Any:

@@ -42,16 +42,22 @@ def permutation_index(block: AllInOneBlock) -> torch.Tensor | None:
     """Channel order ``out[i] = in[index[i]]`` of a hard-permutation block, ``None`` for a soft (dense) one.
 
     Whether ``w_perm`` is one-hot is a data-dependent test that ``torch.export`` cannot trace, so it runs
-    eagerly and its answer is remembered on the block; while exporting, the remembered answer decides (never
-    seen: the dense path, always correct) and the index itself stays a graph op on the exported weights.
+    eagerly and its answer is remembered on the block (with the index, until ``w_perm`` changes in place);
+    while exporting, the remembered answer decides (never seen: the dense path, always correct) and the index
+    itself stays a graph op on the exported weights.
     """
-    weight = block.w_perm.detach().flatten(1)
-    index = weight.argmax(dim=1)
     if _is_exporting():
         hard = getattr(block, "_flowad_hard_permutation", False)
-    else:
-        hard = torch.equal(weight, F.one_hot(index, weight.shape[1]).to(weight.dtype))
-        block._flowad_hard_permutation = hard
+        return block.w_perm.detach().flatten(1).argmax(dim=1) if hard else None
+    cached = getattr(block, "_flowad_permutation_cache", None)  # (w_perm key, index or None)
+    key = (block.w_perm.data_ptr(), block.w_perm._version)  # new storage (.to(device)) or in-place change
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    weight = block.w_perm.detach().flatten(1)
+    index = weight.argmax(dim=1)
+    hard = torch.equal(weight, F.one_hot(index, weight.shape[1]).to(weight.dtype))
+    block._flowad_hard_permutation = hard
+    block._flowad_permutation_cache = (key, index if hard else None)
     return index if hard else None
 
 

@@ -10,7 +10,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
-from flowad_plugins.flows import PositionalEncoding2D, fiber_condition_terms, fiber_flow, fiber_flow_forward
+from flowad_plugins.flows import FiberStep, PositionalEncoding2D, fiber_flow, fiber_flow_forward, fiber_flow_steps
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
@@ -64,8 +64,8 @@ class CflowADModel(nn.Module):
         )
         self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood")
         self.inference_chunk_size = inference_chunk_size
-        # (layer, h, w, device, dtype) -> (decoder parameter versions, per-block condition terms); inference only
-        self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
+        # (layer, h, w, device, dtype) -> (decoder parameter versions, prepared flow steps); inference only
+        self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[FiberStep]]] = {}
 
     def fibers(self, features: torch.Tensor, max_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their positions ``(B·h·w)`` (row-major).
@@ -81,53 +81,53 @@ class CflowADModel(nn.Module):
         return fibers.reshape(-1, channels), positions.reshape(-1)
 
     def fiber_log_likelihood(
-        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor, map_size: tuple[int, int]
+        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor | None, map_size: tuple[int, int]
     ) -> torch.Tensor:
         """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
 
-        The positional condition is projected once per position (``flows.fiber_flow_forward``), not per fiber;
-        without gradients the projection is cached until the decoder's parameters change. The flow runs in
+        ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional
+        condition is projected once per position (``flows.fiber_flow_forward``), not per fiber; without
+        gradients the projection is cached until the decoder's parameters change. The flow runs in
         float32 even under autocast (``flowad_plugins.precision``).
         """
         with float32_region(fibers.device.type):
             return self._fiber_log_likelihood(layer, as_float32(fibers), positions, map_size)
 
     def _fiber_log_likelihood(
-        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor, map_size: tuple[int, int]
+        self, layer: int, fibers: torch.Tensor, positions: torch.Tensor | None, map_size: tuple[int, int]
     ) -> torch.Tensor:
         decoder = self.decoders[layer]
         table = self.positional_encoding(*map_size, device=fibers.device)
-        terms = None
+        steps = None
         if not torch.is_grad_enabled() and not _is_exporting():
             versions = tuple(parameter._version for parameter in decoder.parameters())
             key = (layer, *map_size, str(fibers.device), fibers.dtype)
             cached = self._condition_cache.get(key)
             if cached is None or cached[0] != versions:
-                cached = (versions, fiber_condition_terms(decoder, table))
+                cached = (versions, fiber_flow_steps(decoder, table))
                 self._condition_cache[key] = cached
-            terms = cached[1]
-        z, log_jac_det = fiber_flow_forward(decoder, fibers, table, positions, terms)
+            steps = cached[1]
+        z, log_jac_det = fiber_flow_forward(decoder, fibers, table, positions, steps)
         return gaussian_log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one pass per chunk."""
+        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one vectorised pass.
+
+        Chunked by whole images (at least one) only when a batch has more than ``inference_chunk_size``
+        fibers, to bound memory; the positional condition is broadcast, not gathered.
+        """
         maps = []
         for layer, feature_map in enumerate(features):
             batch, _, height, width = feature_map.shape
-            fibers, positions = self.fibers(feature_map)
-            if _is_exporting() or fibers.shape[0] <= self.inference_chunk_size:
-                log_likelihood = self.fiber_log_likelihood(layer, fibers, positions, (height, width))
+            fibers, _ = self.fibers(feature_map)
+            images_per_chunk = max(1, self.inference_chunk_size // (height * width))
+            if _is_exporting() or batch <= images_per_chunk:  # one pass (an exported graph keeps a dynamic batch)
+                log_likelihood = self.fiber_log_likelihood(layer, fibers, None, (height, width))
             else:
-                log_likelihood = torch.cat(
-                    [
-                        self.fiber_log_likelihood(layer, fiber_chunk, position_chunk, (height, width))
-                        for fiber_chunk, position_chunk in zip(
-                            fibers.split(self.inference_chunk_size),
-                            positions.split(self.inference_chunk_size),
-                            strict=True,
-                        )
-                    ]
-                )
+                log_likelihood = torch.cat([
+                    self.fiber_log_likelihood(layer, chunk, None, (height, width))
+                    for chunk in fibers.split(images_per_chunk * height * width)
+                ])
             maps.append(log_likelihood.reshape(batch, height, width))
         return maps
 
