@@ -1,4 +1,6 @@
-"""Torch CPU throughput (img/s, batch 8, 256 px) of the six models in the bottle table, measured interleaved.
+"""Torch CPU throughput (img/s, batch 8) of the six models in the bottle table, measured interleaved.
+
+Each model is timed at the input size of its table row (``image_size`` of its result JSON: 256 px, CS-Flow 512 px).
 
 The models are built exactly as ``benchmarks/evaluate.py`` builds them (same backbone, layers, flows); flow
 weights don't change the work, so they stay as initialised. Every round times each model once, in turn, so
@@ -34,24 +36,35 @@ MODELS = {
 }
 
 
+RESULTS = Path(__file__).resolve().parent / "results" / "bottle"
+
+
+def table_image_size(key: str) -> int:
+    """Input size of the model's bottle-table row (256 when it has no result yet)."""
+    path = RESULTS / f"{key}.json"
+    return int(json.loads(path.read_text()).get("image_size", 256)) if path.is_file() else 256
+
+
 def main(batch_size: int = 8, rounds: int = 7) -> None:
     torch.manual_seed(0)
-    models = {key: build_model(name, dict(init)).model.eval() for key, (name, init) in MODELS.items()}
-    images = torch.rand(batch_size, 3, 256, 256)
+    sizes = {key: table_image_size(key) for key in MODELS}
+    models = {key: build_model(name, dict(init), image_size=sizes[key]).model.eval()
+              for key, (name, init) in MODELS.items()}
+    inputs = {key: torch.rand(batch_size, 3, sizes[key], sizes[key]) for key in MODELS}
     times: dict[str, list[float]] = {key: [] for key in models}
     loads = []
     with torch.inference_mode():
-        for model in models.values():
-            model(images)
+        for key, model in models.items():
+            model(inputs[key])
         for _ in track(range(rounds), description="timing six models"):
             loads.append(os.getloadavg()[0])
             for key, model in models.items():
                 start = time.perf_counter()
-                model(images)
+                model(inputs[key])
                 times[key].append(time.perf_counter() - start)
     result = {
         "batch_size": batch_size,
-        "image_size": 256,
+        "image_sizes": sizes,
         "rounds": rounds,
         "images_per_second": {key: round(batch_size / statistics.median(t), 1) for key, t in times.items()},
         "median_ms": {key: round(1000 * statistics.median(t), 1) for key, t in times.items()},
@@ -60,7 +73,7 @@ def main(batch_size: int = 8, rounds: int = 7) -> None:
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "command": "python benchmarks/bottle_fps.py",
     }
-    out = Path(__file__).resolve().parent / "results" / "bottle" / "fps.json"
+    out = RESULTS / "fps.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["images_per_second"], indent=1))
 

@@ -127,10 +127,8 @@ def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = Fals
         return _build_anomalib_model(name, {**init, **extra}, image_size)
     import flowad_plugins
 
-    model = getattr(flowad_plugins, name)(**init)
-    if image_size != 256:
-        model.pre_processor = model.configure_pre_processor((image_size, image_size))
-    return model
+    model_class = getattr(flowad_plugins, name)
+    return model_class(**init, pre_processor=model_class.configure_pre_processor((image_size, image_size)))
 
 
 def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5,

@@ -1,6 +1,7 @@
 """Torch CPU inference speed: our model vs anomalib's built-in, side by side in one process.
 
-Same backbone, layers, input size and batch for both; weights do not change the work done, so both
+Same backbone, layers, input size and batch for both, called in turn pass by pass (a load burst on the shared
+machine hits both alike); weights do not change the work done, so both
 use the same random-initialised flows (ours loads the offline backbone weights, anomalib's gets
 ``pre_trained=False`` because it cannot download here). Each measurement: warm-up passes, then the
 median wall time of ``--repeats`` passes. Results: ``benchmarks/results/<pair>_cpu_speed.{json,md}``.
@@ -58,15 +59,19 @@ def state_dict_sizes(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:
     return sizes
 
 
-def time_model(model: torch.nn.Module, images: torch.Tensor, warmup: int, repeats: int) -> list[float]:
+def time_interleaved(models: list[torch.nn.Module], images: torch.Tensor, warmup: int,
+                     repeats: int) -> list[list[float]]:
+    """Wall times (s) per model, the models called in turn each round: load bursts hit them alike."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(warmup):
-            model(images)
-        times = []
+            for model in models:
+                model(images)
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
+            for model, model_times in zip(models, times, strict=True):
+                start = time.perf_counter()
+                model(images)
+                model_times.append(time.perf_counter() - start)
     return times
 
 
@@ -85,18 +90,18 @@ def main() -> None:
     rows = []
     for batch_size in track(args.batch_sizes, description=f"timing {args.pair}"):
         images = torch.randn(batch_size, 3, args.image_size, args.image_size)
-        ours_times = time_model(ours, images, args.warmup, args.repeats)
-        theirs_times = time_model(theirs, images, args.warmup, args.repeats)
+        ours_times, theirs_times = time_interleaved([ours, theirs], images, args.warmup, args.repeats)
         ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
         rows.append({"batch_size": batch_size, "ours_ms": round(1e3 * ours_s, 1),
                      "anomalib_ms": round(1e3 * theirs_s, 1), "ours_img_per_s": round(batch_size / ours_s, 1),
                      "anomalib_img_per_s": round(batch_size / theirs_s, 1), "speedup": round(theirs_s / ours_s, 2),
-                     "ours_raw_s": ours_times, "anomalib_raw_s": theirs_times})
+                     "ours_raw_s": ours_times, "anomalib_raw_s": theirs_times,
+                     "load_average_1min": round(os.getloadavg()[0], 2)})
     result = {
         "pair": args.pair,
         "settings": settings,
         "image_size": args.image_size,
-        "command": f"python benchmarks/inference_speed.py --pair {args.pair}",
+        "command": f"python benchmarks/inference_speed.py --pair {args.pair} --repeats {args.repeats}",
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "rows": rows,
@@ -109,7 +114,8 @@ def main() -> None:
         "",
         f"Settings: `{json.dumps(settings)}`. Machine: {result['machine']['cpu']}, "
         f"{result['machine']['torch_threads']} torch threads, torch {torch.__version__}.",
-        f"Command: `{result['command']}` (median of {args.repeats} passes after {args.warmup} warm-up).",
+        f"Command: `{result['command']}` (median of {args.repeats} passes after {args.warmup} warm-up; the two "
+        "models are called in turn each round).",
         "",
         "| batch | ours ms | anomalib ms | ours img/s | anomalib img/s | speed-up (ours/anomalib) |",
         "|---:|---:|---:|---:|---:|---:|",

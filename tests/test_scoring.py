@@ -106,3 +106,20 @@ def test_likelihood_aggregation_is_the_papers_sum_relative_to_training_mean() ->
     torch.testing.assert_close(single([fine], (8, 8)).anomaly_map[:, 0], single.statistics.mean[0] - fine)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         AnomalyScorer(num_scales=1, aggregation="max")
+
+
+@pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
+def test_map_scales_restrict_the_map_not_the_score(aggregation: str) -> None:
+    from flowad_plugins.scoring import AnomalyScorer
+
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
+    every, finest = AnomalyScorer(3, aggregation=aggregation), AnomalyScorer(3, aggregation=aggregation,
+                                                                             map_scales=[0])
+    only_finest = AnomalyScorer(1, aggregation=aggregation)
+    out_every, out_finest = every(maps, (16, 16)), finest(maps, (16, 16))
+    torch.testing.assert_close(out_finest.pred_score, out_every.pred_score)
+    torch.testing.assert_close(out_finest.anomaly_map, only_finest(maps[:1], (16, 16)).anomaly_map)
+    assert AnomalyScorer(3, map_scales=[2, 1, 0]).map_scales is None
+    with pytest.raises(ValueError, match="map_scales must be a non-empty subset of \\[0, 1, 2\\]"):
+        AnomalyScorer(3, map_scales=[3])

@@ -151,12 +151,15 @@ class AnomalyScorer(nn.Module):
       0.585 for CflowAD; 0.789 → 0.810 and 0.569 → 0.646 for FastFlow); CS-Flow keeps ``"standardized"``
       (its image AUROC on validation dropped with ``"likelihood"``).
 
-    In both the image score is the maximum of the unsmoothed map: smoothing must not dilute small defects.
+    In both the image score is the maximum of the unsmoothed map of all scales: smoothing must not dilute
+    small defects. ``map_scales`` may restrict the returned map to some scales (e.g. ``[0]``, the finest, as
+    CS-Flow's official code localises); the score still uses every scale.
 
     Args:
         num_scales: number of log-likelihood maps per image.
         blur_sigma: standard deviation (input pixels) of a Gaussian smoothing of the final map; 0 = none.
         aggregation: ``"standardized"`` or ``"likelihood"`` (see above).
+        map_scales: indices of the scales combined into ``anomaly_map``; ``None`` = all.
     """
 
     AGGREGATIONS = ("standardized", "likelihood")
@@ -164,11 +167,25 @@ class AnomalyScorer(nn.Module):
     # training mean is anomalous by any threshold, and the floor keeps −log P finite.
     MIN_RELATIVE_LOG_LIKELIHOOD = -80.0
 
-    def __init__(self, num_scales: int, blur_sigma: float = 0.0, aggregation: str = "standardized") -> None:
+    def __init__(
+        self,
+        num_scales: int,
+        blur_sigma: float = 0.0,
+        aggregation: str = "standardized",
+        map_scales: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
             msg = f"aggregation must be one of {list(self.AGGREGATIONS)}, got {aggregation!r}."
             raise ValueError(msg)
+        if map_scales is not None:
+            map_scales = sorted({int(scale) for scale in map_scales})
+            if not map_scales or map_scales[0] < 0 or map_scales[-1] >= num_scales:
+                msg = f"map_scales must be a non-empty subset of {list(range(num_scales))}, got {map_scales}."
+                raise ValueError(msg)
+            if map_scales == list(range(num_scales)):
+                map_scales = None
+        self.map_scales = map_scales
         self.aggregation = aggregation
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
@@ -207,16 +224,22 @@ class AnomalyScorer(nn.Module):
             )
         combined = torch.stack(maps, dim=0).mean(dim=0)
         pred_score = combined.flatten(1).amax(dim=1)  # from the unsmoothed map: blur must not dilute small defects
+        if self.map_scales is not None:
+            combined = torch.stack([maps[scale] for scale in self.map_scales], dim=0).mean(dim=0)
         return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(combined))
 
     def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``−log Σ_l up(exp(log p_l − μ_l))``, smoothed in the probability domain (see the class docstring)."""
         stats = self.statistics
-        probability = None
+        probability = map_probability = None
         for scale, log_likelihood in enumerate(log_likelihoods):
             relative = (log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD)
             upsampled = F.interpolate(relative.exp().unsqueeze(1), size=tuple(output_size), mode="bilinear",
                                       align_corners=False)
             probability = upsampled if probability is None else probability + upsampled
+            if self.map_scales is not None and scale in self.map_scales:
+                map_probability = upsampled if map_probability is None else map_probability + upsampled
         pred_score = -probability.flatten(1).amin(dim=1).log()
+        if self.map_scales is not None:
+            probability = map_probability
         return InferenceBatch(pred_score=pred_score, anomaly_map=-self.blur(probability).log())

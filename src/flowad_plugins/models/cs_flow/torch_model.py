@@ -43,6 +43,7 @@ class CSFlowModel(nn.Module):
         clamp_alpha: soft clamp ``α`` (paper: 3).
         input_norm: data-initialised per-channel affine before the blocks (not in the paper; see ``flows``).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
+        map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class CSFlowModel(nn.Module):
         clamp_alpha: float = 3.0,
         input_norm: bool = True,
         blur_sigma: float = 4.0,
+        map_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(layer, str):
@@ -77,7 +79,7 @@ class CSFlowModel(nn.Module):
             clamp_alpha=clamp_alpha,
             input_norm=input_norm,
         )
-        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma)
+        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma, map_scales=map_scales)
 
     @property
     def size_multiple(self) -> int:
