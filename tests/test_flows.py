@@ -105,13 +105,14 @@ def test_position_table_pass_equals_freia_forward(permute_soft: bool) -> None:
     assert all(p.grad is not None for p in flow.parameters() if p.requires_grad)
 
 
-def test_position_table_pass_broadcasts_whole_maps() -> None:
+@pytest.mark.parametrize("maps", [1, 3])
+def test_position_table_pass_broadcasts_whole_maps(maps: int) -> None:
     """Without an index, fibers of whole maps (B·T rows, table order) match FrEIA with the table repeated."""
     flow = fiber_flow(6, coupling_blocks=2, clamp_alpha=1.9, condition_dim=8)
     _randomise(flow)
     table = torch.randn(5, 8)
-    x = torch.randn(3 * 5, 6)
-    z_reference, log_det_reference = flow(x, c=[table.repeat(3, 1)])
+    x = torch.randn(maps * 5, 6)
+    z_reference, log_det_reference = flow(x, c=[table.repeat(maps, 1)])
     z, log_det = fiber_flow_forward(flow, x, table)
     torch.testing.assert_close(z, z_reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(log_det, log_det_reference, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flowad_plugins.precision import float32_region
+from flowad_plugins.tracing import is_exporting
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -127,8 +128,7 @@ class SeparableGaussianBlur(nn.Module):
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Smooth ``maps`` (``B×1×H×W``); borders reflect (the kernel is truncated to fit small maps)."""
         height, width = maps.shape[-2:]
-        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-        if not exporting and max(height, width) <= self.MAX_MATRIX_SIZE:
+        if not is_exporting() and max(height, width) <= self.MAX_MATRIX_SIZE:
             vertical = self._matrix(height, maps.device, maps.dtype)
             horizontal = self._matrix(width, maps.device, maps.dtype)
             return torch.matmul(torch.matmul(vertical, maps), horizontal.T)

@@ -19,6 +19,8 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch.nn import functional as F
 
+from flowad_plugins.tracing import is_exporting
+
 
 def _check_block(block: torch.nn.Module) -> AllInOneBlock:
     """Refuse blocks whose options this pass does not reproduce (FrEIA's forward would be needed)."""
@@ -34,10 +36,6 @@ def _check_block(block: torch.nn.Module) -> AllInOneBlock:
     return block
 
 
-def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-
-
 def permutation_index(block: AllInOneBlock) -> torch.Tensor | None:
     """Channel order ``out[i] = in[index[i]]`` of a hard-permutation block, ``None`` for a soft (dense) one.
 
@@ -46,7 +44,7 @@ def permutation_index(block: AllInOneBlock) -> torch.Tensor | None:
     while exporting, the remembered answer decides (never seen: the dense path, always correct) and the index
     itself stays a graph op on the exported weights.
     """
-    if _is_exporting():
+    if is_exporting():
         hard = getattr(block, "_flowad_hard_permutation", False)
         return block.w_perm.detach().flatten(1).argmax(dim=1) if hard else None
     cached = getattr(block, "_flowad_permutation_cache", None)  # (w_perm key, index or None)

@@ -21,6 +21,8 @@ from FrEIA.modules import AllInOneBlock
 from torch import nn
 from torch.nn import functional as F
 
+from flowad_plugins.tracing import is_exporting
+
 
 def _check_block(block: nn.Module) -> AllInOneBlock:
     """Refuse blocks whose options this pass does not reproduce."""
@@ -119,14 +121,18 @@ def fiber_flow_forward(
         raise ValueError(msg)
     if steps is None:
         steps = fiber_flow_steps(flow, condition_table)
+    single_map = condition_index is None and not is_exporting() and fibers.shape[0] == rows
     x = fibers
     log_det = fibers.new_zeros(fibers.shape[0])
     for step in steps:
         x1, x2 = torch.split(x, step.splits, dim=1)
-        hidden = F.linear(x1, step.input_weight)  # the linear's own output: safe to update in place
-        if condition_index is None:
+        if single_map:  # one map (eager only: keeps an exported batch dynamic): the condition term is the bias
+            hidden = torch.addmm(step.condition_term, x1, step.input_weight.t())
+        elif condition_index is None:
+            hidden = F.linear(x1, step.input_weight)  # the linear's own output: safe to update in place
             hidden.view(-1, rows, hidden.shape[1]).add_(step.condition_term)
         else:
+            hidden = F.linear(x1, step.input_weight)
             hidden = hidden + step.condition_term[condition_index]
         for layer in step.middle:
             hidden = layer(hidden)

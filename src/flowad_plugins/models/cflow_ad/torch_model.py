@@ -13,10 +13,7 @@ from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import FiberStep, PositionalEncoding2D, fiber_flow, fiber_flow_forward, fiber_flow_steps
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
-
-
-def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+from flowad_plugins.tracing import is_exporting
 
 
 class CflowADModel(nn.Module):
@@ -99,7 +96,7 @@ class CflowADModel(nn.Module):
         decoder = self.decoders[layer]
         table = self.positional_encoding(*map_size, device=fibers.device)
         steps = None
-        if not torch.is_grad_enabled() and not _is_exporting():
+        if not torch.is_grad_enabled() and not is_exporting():
             versions = tuple(parameter._version for parameter in decoder.parameters())
             key = (layer, *map_size, str(fibers.device), fibers.dtype)
             cached = self._condition_cache.get(key)
@@ -121,7 +118,7 @@ class CflowADModel(nn.Module):
             batch, _, height, width = feature_map.shape
             fibers, _ = self.fibers(feature_map)
             images_per_chunk = max(1, self.inference_chunk_size // (height * width))
-            if _is_exporting() or batch <= images_per_chunk:  # one pass (an exported graph keeps a dynamic batch)
+            if is_exporting() or batch <= images_per_chunk:  # one pass (an exported graph keeps a dynamic batch)
                 log_likelihood = self.fiber_log_likelihood(layer, fibers, None, (height, width))
             else:
                 log_likelihood = torch.cat([
@@ -133,7 +130,7 @@ class CflowADModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
-        if not _is_exporting():
+        if not is_exporting():
             self.encoder.check_input_size(tuple(images.shape[-2:]))
         features = self.encoder(images)
         if self.training:

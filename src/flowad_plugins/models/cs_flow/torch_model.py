@@ -14,10 +14,7 @@ from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import CrossScaleFlow
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer
-
-
-def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+from flowad_plugins.tracing import is_exporting
 
 
 class CSFlowModel(nn.Module):
@@ -117,7 +114,7 @@ class CSFlowModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
-        if not _is_exporting():
+        if not is_exporting():
             self.check_input_size(images.shape[-2:])
         features = [as_float32(feature) for feature in self.features(images)]  # flow in float32 under autocast
         with float32_region(images.device.type):

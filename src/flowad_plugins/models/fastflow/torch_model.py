@@ -14,6 +14,7 @@ from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow, conv_flow_forward
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
+from flowad_plugins.tracing import is_exporting
 
 # The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
 PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
@@ -23,10 +24,6 @@ PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
 DEFAULT_INPUT_SIZE = (256, 256)
 # The backbone runs channels-last (see FeatureExtractor); the flows run on NCHW maps, where their channel split,
 # concatenation and permutation copy whole planes.
-
-
-def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def default_layers(backbone: str) -> list[str]:
@@ -185,7 +182,7 @@ class FastFlowModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[tuple[torch.Tensor, torch.Tensor]]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``flow_outputs(images)``."""
-        if not _is_exporting():
+        if not is_exporting():
             self.check_images(images)
         if self.training:
             return self.flow_outputs(images)
