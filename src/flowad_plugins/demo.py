@@ -33,8 +33,8 @@ DEMO_MODELS: dict[str, dict] = {
     "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.4"},
 }
 # Model input size when it differs from --image-size: CS-Flow reads one stride-16 layer, so it runs at its default
-# 512 px (chosen on MVTec bottle validation, see CSFlow.DEFAULT_IMAGE_SIZE); the images are resized up to it.
-DEMO_INPUT_SIZES: dict[str, int] = {"CSFlow": 512}
+# input size (chosen on MVTec bottle validation, see CSFlow.DEFAULT_IMAGE_SIZE); the images are resized up to it.
+DEMO_INPUT_SIZES: dict[str, int] = {"CSFlow": flowad_plugins.CSFlow.DEFAULT_IMAGE_SIZE[0]}
 
 
 def available_models() -> list[str]:
