@@ -377,8 +377,8 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("input_shift", (imagenet_mean - mean) / std, persistent=False)
         self.extractor.eval()
         self.extractor.requires_grad_(False)
-        # Frozen batch-norms are affine maps: fold them into the preceding convolutions (~1.4× faster
-        # lite0 on CPU). Checkpoints written before folding still load (``_fold_incoming_batch_norms``).
+        # Frozen batch-norms are affine maps: fold them into the preceding convolutions (one pass less over every
+        # activation). Checkpoints written before folding still load (``_fold_incoming_batch_norms``).
         self.folded_batch_norms: list[tuple[str, str, float]] = [] if self.is_transformer else fold_batch_norms(
             self.extractor, example_input_size=self.nearest_valid_input_size((64, 64))
         )

@@ -87,7 +87,7 @@ class SeparableGaussianBlur(nn.Module):
 
     Same result as a 2-D Gaussian kernel of size ``k = 2⌊4σ + 0.5⌋ + 1`` with reflect padding. In eager
     mode each 1-D pass is a product with a cached banded ``H×H`` / ``W×W`` matrix (reflection folded in):
-    ``K_v · M · K_hᵀ``, about 10× faster on CPU than a 1-channel convolution. Exported graphs and maps
+    ``K_v · M · K_hᵀ``, much cheaper on CPU than a 1-channel convolution. Exported graphs and maps
     larger than ``MAX_MATRIX_SIZE`` use the two 1-D convolutions instead (same values up to rounding).
     """
 
