@@ -10,6 +10,7 @@ from anomalib.engine import Engine
 from conftest import TINY_CFLOW, fit_and_test
 
 from flowad_plugins import CflowAD
+from flowad_plugins.inference_passes import images_per_pass
 from flowad_plugins.models.common import NonFiniteLossError
 
 
@@ -65,6 +66,29 @@ def test_chunked_inference_equals_one_pass(trained) -> None:
     finally:
         model.model.inference_chunk_size = 65536
     torch.testing.assert_close(chunked, one_pass, atol=1e-5, rtol=0)
+
+
+def test_eval_batches_run_in_passes_of_whole_images_with_the_same_outputs(trained) -> None:
+    model, *_ = trained
+    torch_model = model.model.eval()
+    images = torch.randn(5, 3, 128, 128)
+    calls = []
+    hook = torch_model.encoder.register_forward_hook(lambda _module, inputs, _output: calls.append(len(inputs[0])))
+    default = torch_model.inference_pass_pixels
+    try:
+        torch_model.inference_pass_pixels = 0  # one pass
+        one_pass = torch_model(images)
+        torch_model.inference_pass_pixels = 2 * 128 * 128
+        in_passes = torch_model(images)
+    finally:
+        torch_model.inference_pass_pixels = default
+        hook.remove()
+    assert calls == [5, 2, 2, 1]
+    torch.testing.assert_close(in_passes.anomaly_map, one_pass.anomaly_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(in_passes.pred_score, one_pass.pred_score, atol=1e-5, rtol=0)
+    assert in_passes.pred_label is None and in_passes.pred_mask is None
+    assert images_per_pass((128, 128), 2 * 128 * 128 + 5) == 2
+    assert images_per_pass((640, 640), 4 * 256 * 256) == 1  # at least one image
 
 
 def test_checkpoint_round_trip_predicts_identically(trained, tmp_path: Path) -> None:

@@ -188,6 +188,37 @@ def test_engine_export_int8_ptq_calibrates_on_normal_training_images_only(
     assert correlation[0, 1] > 0.95
 
 
+def test_int8_compresses_the_flow_head_weights_and_keeps_the_backbone_float(
+    fitted, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``CompressionType.INT8`` through ``Engine.export``: flow-head weights INT8, backbone convolutions float."""
+    import openvino as ov
+
+    model, engine = fitted("CflowAD")
+    ir_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "int8w", input_size=(128, 128),
+                            compression_type=CompressionType.INT8)
+    ir = ov.Core().read_model(ir_path)
+
+    def weight_type(op) -> str:  # element type of the constant behind the weight input (through Convert/Multiply)
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != "Constant" and node.get_input_size():
+            node = node.input_value(0).get_node()
+        return node.get_output_element_type(0).get_type_name()
+
+    convolutions = [weight_type(op) for op in ir.get_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")]
+    matmuls = [weight_type(op) for op in ir.get_ops() if op.get_type_name() == "MatMul"
+               and op.input_value(1).get_node().get_type_name() != "Parameter"]
+    assert convolutions and all(kind == "f32" for kind in convolutions), convolutions  # backbone and blur float
+    assert any(kind in {"u8", "i8"} for kind in matmuls), matmuls  # CflowAD's flow head: linear layers in INT8
+    images = _test_images(synthetic_root)
+    with torch.no_grad():
+        reference = model(images)
+    monkeypatch.chdir(tmp_path)
+    prediction = OpenVINOInferencer(ir_path, device="CPU", config=openvino_config("f32")).predict(images)
+    correlation = np.corrcoef(np.asarray(prediction.anomaly_map).ravel(), reference.anomaly_map.numpy().ravel())
+    assert correlation[0, 1] > 0.99
+
+
 def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """FP16 IR (Engine.export) → ``predict_folder`` writes one overlay PNG per image, scores as OpenVINO's."""

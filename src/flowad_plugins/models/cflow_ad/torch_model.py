@@ -11,6 +11,7 @@ from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import FiberStep, PositionalEncoding2D, fiber_flow, fiber_flow_forward, fiber_flow_steps
+from flowad_plugins.inference_passes import in_image_passes
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -35,6 +36,9 @@ class CflowADModel(nn.Module):
         inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
     """
+
+    # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
+    inference_pass_pixels: int = 4 * 256 * 256
 
     def __init__(
         self,
@@ -128,6 +132,7 @@ class CflowADModel(nn.Module):
             maps.append(log_likelihood.reshape(batch, height, width))
         return maps
 
+    @in_image_passes
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
         if not is_exporting():

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import CrossScaleFlow
+from flowad_plugins.inference_passes import in_image_passes
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer
 from flowad_plugins.tracing import is_exporting
@@ -42,6 +43,9 @@ class CSFlowModel(nn.Module):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
         map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
     """
+
+    # eval batches run in passes of at most this many input pixels (16 images of 256², see ``inference_passes``)
+    inference_pass_pixels: int = 16 * 256 * 256
 
     def __init__(
         self,
@@ -112,6 +116,7 @@ class CSFlowModel(nn.Module):
         """Per-scale maps ``B×h_l×w_l`` of ``−‖z‖²/(2C)`` (higher = more normal)."""
         return [-0.5 * z.float().pow(2).mean(dim=1) for z in latents]
 
+    @in_image_passes
     def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
         if not is_exporting():

@@ -12,6 +12,7 @@ from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow, conv_flow_forward
+from flowad_plugins.inference_passes import in_image_passes
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -71,6 +72,9 @@ class FastFlowModel(nn.Module):
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
     """
+
+    # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
+    inference_pass_pixels: int = 4 * 256 * 256
 
     def __init__(
         self,
@@ -180,6 +184,7 @@ class FastFlowModel(nn.Module):
             raise ValueError(msg)
         return gaussian_log_likelihood(z, log_det if self.map_log_det else torch.zeros((), device=z.device))
 
+    @in_image_passes
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[tuple[torch.Tensor, torch.Tensor]]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``flow_outputs(images)``."""
         if not is_exporting():
