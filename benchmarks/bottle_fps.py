@@ -16,14 +16,15 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from rich.progress import track
+from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import build_model, cpu_name
+
+from flowad_plugins.bench.timing import interleaved_wall_times
 
 LITE0 = {"backbone": "efficientnet_lite0"}
 MODELS = {
@@ -51,17 +52,18 @@ def main(batch_size: int = 8, rounds: int = 7) -> None:
     models = {key: build_model(name, dict(init), image_size=sizes[key]).model.eval()
               for key, (name, init) in MODELS.items()}
     inputs = {key: torch.rand(batch_size, 3, sizes[key], sizes[key]) for key in MODELS}
-    times: dict[str, list[float]] = {key: [] for key in models}
     loads = []
-    with torch.inference_mode():
-        for key, model in models.items():
-            model(inputs[key])
-        for _ in track(range(rounds), description="timing six models"):
+    with torch.inference_mode(), Progress() as progress:
+        bar = progress.add_task("timing six models", total=rounds)
+
+        def next_round() -> None:
             loads.append(os.getloadavg()[0])
-            for key, model in models.items():
-                start = time.perf_counter()
-                model(inputs[key])
-                times[key].append(time.perf_counter() - start)
+            progress.advance(bar)
+
+        per_model = interleaved_wall_times(
+            [lambda key=key, model=model: model(inputs[key]) for key, model in models.items()], warmup=1,
+            repeats=rounds, before_round=next_round)
+    times = dict(zip(models, per_model, strict=True))
     result = {
         "batch_size": batch_size,
         "image_sizes": sizes,

@@ -26,6 +26,7 @@ from lightning.pytorch import seed_everything
 from torch import nn
 
 from flowad_plugins.bench.machine import cpu_model as cpu_name
+from flowad_plugins.bench.timing import wall_times
 
 ANOMALIB_FASTFLOW_BACKBONES = {"resnet18", "wide_resnet50_2", "cait_m48_448", "deit_base_distilled_patch16_384"}
 
@@ -140,13 +141,7 @@ def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int 
     model.eval()
     images = torch.randn(batch_size, 3, image_size, image_size)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16-mixed"):
-        for _ in range(2):
-            model(images)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
+        times = wall_times(lambda: model(images), warmup=2, min_repeats=repeats, max_repeats=repeats)
     median = statistics.median(times)
     return {"batch_size": batch_size, "median_ms": round(1000 * median, 1),
             "images_per_second": round(batch_size / median, 1), "load_average_1min": round(os.getloadavg()[0], 2)}

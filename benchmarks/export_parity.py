@@ -42,6 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import flowad_plugins
 from flowad_plugins.bench.machine import cpu_model as cpu_name
+from flowad_plugins.bench.timing import wall_times
 from flowad_plugins.export import export_model, openvino_config, quantize_on_normal_images
 
 FP32_MAP_TOLERANCE = 1e-3
@@ -75,14 +76,8 @@ def batched(run, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]
 
 def latency_ms(run, image: torch.Tensor, repeats: int, warmup: int = 5) -> float:
     """Median wall time (ms) of ``run(image)`` over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        run(image)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(image)
-        times.append((time.perf_counter() - start) * 1000)
-    return round(statistics.median(times), 2)
+    times = wall_times(lambda: run(image), warmup=warmup, min_repeats=repeats, max_repeats=repeats)
+    return round(1000 * statistics.median(times), 2)
 
 
 def evaluate(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None, masks: torch.Tensor,

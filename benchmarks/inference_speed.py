@@ -12,17 +12,19 @@ median wall time of ``--repeats`` passes. Results: ``benchmarks/results/<pair>_c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from rich.progress import track
 
 from flowad_plugins.bench.machine import cpu_model as cpu_name
+from flowad_plugins.bench.timing import interleaved_wall_times
+from flowad_plugins.inference_passes import images_per_pass
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,22 +61,6 @@ def state_dict_sizes(ours: torch.nn.Module, theirs: torch.nn.Module) -> dict:
     return sizes
 
 
-def time_interleaved(models: list[torch.nn.Module], images: torch.Tensor, warmup: int,
-                     repeats: int) -> list[list[float]]:
-    """Wall times (s) per model, the models called in turn each round: load bursts hit them alike."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for model in models:
-                model(images)
-        for _ in range(repeats):
-            for model, model_times in zip(models, times, strict=True):
-                start = time.perf_counter()
-                model(images)
-                model_times.append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pair", default="cflow", choices=["cflow", "csflow", "fastflow"])
@@ -88,14 +74,23 @@ def main() -> None:
     settings, ours, theirs = build_pair(args.pair, args.image_size)
     sizes = state_dict_sizes(ours, theirs)
     rows = []
+    # ablation: ours with the whole batch in one pass (as anomalib runs it), sharing the same weights
+    ours_one_pass = copy.copy(ours)
+    ours_one_pass.inference_pass_pixels = 0
+    per_pass = images_per_pass((args.image_size, args.image_size), ours.inference_pass_pixels)
     for batch_size in track(args.batch_sizes, description=f"timing {args.pair}"):
         images = torch.randn(batch_size, 3, args.image_size, args.image_size)
-        ours_times, theirs_times = time_interleaved([ours, theirs], images, args.warmup, args.repeats)
+        with torch.inference_mode():
+            calls = [lambda model=model, images=images: model(images) for model in (ours, ours_one_pass, theirs)]
+            ours_times, one_pass_times, theirs_times = interleaved_wall_times(calls, args.warmup, args.repeats)
         ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
+        one_pass_s = statistics.median(one_pass_times)
         rows.append({"batch_size": batch_size, "ours_ms": round(1e3 * ours_s, 1),
                      "anomalib_ms": round(1e3 * theirs_s, 1), "ours_img_per_s": round(batch_size / ours_s, 1),
                      "anomalib_img_per_s": round(batch_size / theirs_s, 1), "speedup": round(theirs_s / ours_s, 2),
-                     "ours_raw_s": ours_times, "anomalib_raw_s": theirs_times,
+                     "ours_one_pass_ms": round(1e3 * one_pass_s, 1),
+                     "speedup_one_pass": round(theirs_s / one_pass_s, 2),
+                     "ours_raw_s": ours_times, "ours_one_pass_raw_s": one_pass_times, "anomalib_raw_s": theirs_times,
                      "load_average_1min": round(os.getloadavg()[0], 2)})
     result = {
         "pair": args.pair,
@@ -116,12 +111,17 @@ def main() -> None:
         f"{result['machine']['torch_threads']} torch threads, torch {torch.__version__}.",
         f"Command: `{result['command']}` (median of {args.repeats} passes after {args.warmup} warm-up; the two "
         "models are called in turn each round).",
+        f"Ours runs an eval batch in passes of at most {per_pass} image(s) of this size "
+        "(`flowad_plugins.inference_passes`); the *one pass* columns time the same model with passes off "
+        "(`inference_pass_pixels=0`), as anomalib runs a batch.",
         "",
-        "| batch | ours ms | anomalib ms | ours img/s | anomalib img/s | speed-up (ours/anomalib) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | ours ms | anomalib ms | ours img/s | anomalib img/s | speed-up (ours/anomalib) | ours one pass ms "
+        "| speed-up, one pass |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['batch_size']} | {r['ours_ms']} | {r['anomalib_ms']} | {r['ours_img_per_s']} | "
-              f"{r['anomalib_img_per_s']} | **{r['speedup']}×** |" for r in rows]
+              f"{r['anomalib_img_per_s']} | **{r['speedup']}×** | {r['ours_one_pass_ms']} | "
+              f"{r['speedup_one_pass']}× |" for r in rows]
     lines += ["", f"Saved state-dict files (torch.save): ours {sizes['ours_mb']} MB, "
               f"anomalib {sizes['anomalib_mb']} MB "
               f"(ours = {sizes['ours_over_anomalib']} × anomalib's); parameters: ours {sizes['ours_parameters']:,}, "

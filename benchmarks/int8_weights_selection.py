@@ -37,9 +37,10 @@ from flowad_plugins.bench.machine import cpu_model
 
 def synthetic_validation(datamodule: MVTecAD, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(image 1×3×S×S, mask S×S)`` from the normal training images; odd ones get a Perlin anomaly."""
-    generator, items = PerlinAnomalyGenerator(probability=1.0), []
+    items = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        generator = PerlinAnomalyGenerator(probability=1.0)  # draws its solarize threshold when built
         for index, batch in enumerate(fe.normal_calibration_loader(datamodule, batch_size=1)):
             image = TF.resize(batch.image, [size, size], antialias=True)
             mask = torch.zeros(size, size, dtype=torch.bool)

@@ -132,3 +132,17 @@ def test_bad_grid_names_the_parameter_and_allowed_values(field: str, value: list
 def test_percentile_interpolates() -> None:
     assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
     assert percentile([1.0, 2.0, 3.0], 0.95) == pytest.approx(2.9)
+
+
+def test_timing_loops_count_calls_and_interleave() -> None:
+    from flowad_plugins.bench.timing import interleaved_wall_times, wall_times
+
+    calls: list[str] = []
+    times = wall_times(lambda: calls.append("x"), warmup=2, min_repeats=3, max_repeats=3, min_seconds=10.0)
+    assert len(times) == 3 and len(calls) == 5  # warm-up untimed; max_repeats caps the min_seconds wish
+    assert len(wall_times(lambda: None, warmup=0, min_repeats=4)) == 4
+    order: list[str] = []
+    per_call = interleaved_wall_times([lambda: order.append("a"), lambda: order.append("b")], warmup=1, repeats=2,
+                                      before_round=lambda: order.append("|"))
+    assert order == ["a", "b", "|", "a", "b", "|", "a", "b"]
+    assert [len(t) for t in per_call] == [2, 2] and all(t >= 0 for ts in per_call for t in ts)

@@ -26,6 +26,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from flowad_plugins.bench.timing import wall_times
+
 OPENVINO_BACKENDS = {
     # backend -> (exported file format, compile config beyond threads/streams)
     "openvino-fp32": ("openvino-fp32", {"INFERENCE_PRECISION_HINT": "f32"}),
@@ -72,18 +74,6 @@ def percentile(values: list[float], fraction: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def measure(run_once: Any, warmup: int, min_repeats: int, max_repeats: int, min_seconds: float) -> list[float]:
-    """Seconds per call of ``run_once`` after ``warmup`` calls: at least ``min_repeats`` and ``min_seconds``."""
-    for _ in range(warmup):
-        run_once()
-    times: list[float] = []
-    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_seconds):
-        start = time.perf_counter()
-        run_once()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -245,7 +235,7 @@ def run_time(task: dict[str, Any]) -> dict[str, Any]:
     load_start = time.perf_counter()
     run_once, details = runner(task, images)
     load_seconds = time.perf_counter() - load_start
-    times = measure(run_once, task["warmup"], task["min_repeats"], task["max_repeats"], task["min_seconds"])
+    times = wall_times(run_once, task["warmup"], task["min_repeats"], task["max_repeats"], task["min_seconds"])
     result = {
         "times_s": [round(value, 6) for value in times],
         "latency_ms_p50": round(1e3 * percentile(times, 0.5), 3),
