@@ -109,8 +109,8 @@ def main() -> None:
         "",
         f"Settings: `{json.dumps(settings)}`. Machine: {result['machine']['cpu']}, "
         f"{result['machine']['torch_threads']} torch threads, torch {torch.__version__}.",
-        f"Command: `{result['command']}` (median of {args.repeats} passes after {args.warmup} warm-up; the two "
-        "models are called in turn each round).",
+        f"Command: `{result['command']}` (median of {args.repeats} passes after {args.warmup} warm-up; the "
+        "models are called in turn each round, the order reversed every round).",
         f"Ours runs an eval batch in passes of at most {per_pass} image(s) of this size "
         "(`flowad_plugins.inference_passes`); the *one pass* columns time the same model with passes off "
         "(`inference_pass_pixels=0`), as anomalib runs a batch.",

@@ -144,5 +144,5 @@ def test_timing_loops_count_calls_and_interleave() -> None:
     order: list[str] = []
     per_call = interleaved_wall_times([lambda: order.append("a"), lambda: order.append("b")], warmup=1, repeats=2,
                                       before_round=lambda: order.append("|"))
-    assert order == ["a", "b", "|", "a", "b", "|", "a", "b"]
+    assert order == ["a", "b", "|", "a", "b", "|", "b", "a"]  # warm-up, then the order reverses every round
     assert [len(t) for t in per_call] == [2, 2] and all(t >= 0 for ts in per_call for t in ts)

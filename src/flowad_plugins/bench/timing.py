@@ -35,16 +35,21 @@ def interleaved_wall_times(
     before_round: Callable[[], object] | None = None,
 ) -> list[list[float]]:
     """Seconds per call of each of ``calls``, called in turn each round (a load burst on a shared machine hits them
-    alike) after ``warmup`` rounds; ``before_round`` runs untimed before every timed round."""
+    alike) after ``warmup`` rounds; ``before_round`` runs untimed before every timed round.
+
+    The order reverses every round: a call that follows another model's pass finds the cache filled with that
+    model's data, so a fixed order would always handicap the same call.
+    """
     for _ in range(warmup):
         for call in calls:
             call()
     times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
+    order = list(range(len(calls)))
+    for round_index in range(repeats):
         if before_round is not None:
             before_round()
-        for call, call_times in zip(calls, times, strict=True):
+        for index in order if round_index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            call()
-            call_times.append(time.perf_counter() - start)
+            calls[index]()
+            times[index].append(time.perf_counter() - start)
     return times
