@@ -26,7 +26,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from flowad_plugins.bench.timing import wall_times
+if __package__:
+    from flowad_plugins.bench.timing import wall_times
+else:  # started as a script (each harness cell): the sibling file, without importing the package (and torch)
+    from timing import wall_times
 
 OPENVINO_BACKENDS = {
     # backend -> (exported file format, compile config beyond threads/streams)
