@@ -8,6 +8,7 @@ import torch
 from flowad_plugins.flows import (
     PositionalEncoding2D,
     conv_flow,
+    coupling_log_scale,
     fiber_flow,
     fiber_flow_forward,
     positional_encoding_2d,
@@ -24,6 +25,16 @@ def _randomise(flow: torch.nn.Module) -> None:
         for parameter in flow.parameters():
             if parameter.requires_grad:
                 parameter.copy_(0.3 * torch.randn_like(parameter))
+
+
+def test_coupling_log_scale_is_the_tanh_clamp_with_its_gradient() -> None:
+    raw = torch.linspace(-60, 60, 4001, dtype=torch.float32, requires_grad=True)
+    fast = coupling_log_scale(raw, 2.0)
+    reference = 2.0 * torch.tanh(raw)
+    assert (fast - reference).abs().max() < 1e-6
+    (grad_fast,) = torch.autograd.grad(fast.sum(), raw)
+    (grad_reference,) = torch.autograd.grad(reference.sum(), raw)
+    assert torch.allclose(grad_fast, grad_reference, atol=1e-6)
 
 
 def test_conditional_fiber_flow_inverts_exactly() -> None:

