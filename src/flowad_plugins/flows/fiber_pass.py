@@ -135,8 +135,10 @@ def fiber_flow_forward(
         else:
             hidden = F.linear(x1, step.input_weight)
             hidden = hidden + step.condition_term[condition_index]
-        for layer in step.middle:  # the first layer's output is fresh: a ReLU may overwrite it (autograd-safe)
-            hidden = F.relu(hidden, inplace=True) if isinstance(layer, nn.ReLU) else layer(hidden)
+        for index, layer in enumerate(step.middle):
+            # the first layer's output is fresh and not saved by autograd: a ReLU right after it may overwrite it
+            in_place = index == 0 and isinstance(layer, nn.ReLU)
+            hidden = F.relu(hidden, inplace=True) if in_place else layer(hidden)
         if step.output_weight is not None:
             coefficients = F.linear(hidden, step.output_weight, step.output_bias)
         else:
