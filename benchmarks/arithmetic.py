@@ -1,0 +1,131 @@
+"""How much arithmetic each model does, and how fast this CPU does it: the bound behind the speed ratios.
+
+Per pair (ours vs anomalib's built-in, the same settings as ``inference_speed.py``), at batch 1 and 256 px:
+multiply-adds per image of the torch model's forward (convolutions and matrix products, counted with
+``torch.utils.flop_counter``), the median wall time of that forward, each model alone in a fresh process (so none
+inherits another's allocator state), the achieved rate (G multiply-adds/s) and the minor page faults per call.
+Also the rate of one large float32 product (1024³ ``torch.mm``), the CPU's practical peak for dense matrix work.
+Results: ``benchmarks/results/arithmetic.{json,md}``.
+
+    python benchmarks/arithmetic.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from torch.utils.flop_counter import FlopCounterMode
+
+from flowad_plugins.bench.machine import cpu_model as cpu_name
+from flowad_plugins.bench.models import build_pair
+from flowad_plugins.bench.timing import wall_times
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAIRS = ("cflow", "fastflow", "csflow")
+
+
+def multiply_adds(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Multiply-adds of one ``model(images)`` call (convolutions and matrix products; elementwise ops excluded).
+
+    Call the model once before: work it caches across calls is then not counted.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:  # not inference_mode: the counter's module tracker needs autograd views
+        model(images)
+    return counter.get_total_flops() // 2
+
+
+def timed_forward(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> dict:
+    """Median seconds per ``model(images)`` call and the minor page faults per call."""
+    with torch.inference_mode():
+        wall_times(lambda: model(images), warmup=3, min_repeats=0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        times = wall_times(lambda: model(images), warmup=0, min_repeats=repeats)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return {"median_s": statistics.median(times), "minor_faults_per_call": round(faults / repeats, 1)}
+
+
+def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
+    """G multiply-adds/s of a ``size``³ float32 ``torch.mm`` (median of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = wall_times(lambda: torch.mm(a, b), warmup=3, min_repeats=repeats)
+    return size**3 / statistics.median(times) / 1e9
+
+
+def measure_cell(pair: str, side: str, image_size: int, repeats: int) -> dict:
+    """One model of one pair: multiply-adds, median ms and page faults of its batch-1 forward."""
+    settings, ours, theirs = build_pair(pair, image_size)
+    model = (ours if side == "ours" else theirs).model.eval()
+    images = torch.rand(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        model(images)  # one call first: one-time work (e.g. CflowAD's cached condition projection) is not counted
+    macs = multiply_adds(model, images)
+    timing = timed_forward(model, images, repeats)
+    return {"pair": pair, "model": settings[side], "side": side, "multiply_adds": macs,
+            "ms": round(1e3 * timing["median_s"], 2),
+            "g_multiply_adds_per_s": round(macs / timing["median_s"] / 1e9, 1),
+            "minor_faults_per_call": timing["minor_faults_per_call"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--cell", nargs=2, metavar=("PAIR", "SIDE"), default=None,
+                        help="internal: measure one model in this process and print its row as JSON")
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(measure_cell(*args.cell, args.image_size, args.repeats)))
+        return
+
+    rows = []
+    cells = [(pair, side) for pair in PAIRS for side in ("ours", "anomalib")]
+    for pair, side in track(cells, description="models, each in a fresh process"):
+        command = [sys.executable, __file__, "--cell", pair, side, "--image-size", str(args.image_size),
+                   "--repeats", str(args.repeats)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+    result = {
+        "command": "python benchmarks/arithmetic.py " + " ".join(sys.argv[1:]),
+        "image_size": args.image_size,
+        "batch_size": 1,
+        "matmul_1024_g_multiply_adds_per_s": round(matmul_rate(), 1),
+        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "arithmetic.json").write_text(json.dumps(result, indent=1) + "\n")
+    machine = result["machine"]
+    lines = [
+        f"# Arithmetic per image and the rate it runs at ({args.image_size} px, batch 1, CPU)",
+        "",
+        f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch {machine['torch']}. "
+        f"Command: `{result['command']}`.",
+        "",
+        "Multiply-adds of the torch model's forward (convolutions and matrix products, `torch.utils.flop_counter`); "
+        "median wall time, each model alone in a fresh process; minor page faults per call (`getrusage`). "
+        f"A 1024³ float32 `torch.mm` runs at **{result['matmul_1024_g_multiply_adds_per_s']} G multiply-adds/s** here.",
+        "",
+        "| model | G multiply-adds | ms | G multiply-adds/s | minor faults per call |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {row['model']} | {row['multiply_adds'] / 1e9:.3f} | {row['ms']} | {row['g_multiply_adds_per_s']} | "
+              f"{row['minor_faults_per_call']} |" for row in rows]
+    (RESULTS / "arithmetic.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
