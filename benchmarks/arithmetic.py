@@ -77,6 +77,25 @@ def measure_cell(pair: str, side: str, image_size: int, repeats: int) -> dict:
             "minor_faults_per_call": timing["minor_faults_per_call"]}
 
 
+# The products of one CflowAD coupling block at batch 1 (efficientnet_lite0 blocks.2: 40 ch on 32×32 = 1024 fibers,
+# blocks.4: 112 ch on 16×16 = 256 fibers; subnet hidden 2·(C/2 + 128)): (fibers, in, out) of the x₁ projection, the
+# subnet's output layer and the channel mixing.
+CFLOW_FIBER_PRODUCTS = ((1024, 20, 296), (1024, 296, 40), (1024, 40, 40), (256, 56, 368), (256, 368, 112),
+                        (256, 112, 112))
+
+
+def linear_rates(shapes: tuple[tuple[int, int, int], ...], repeats: int = 50) -> list[dict]:
+    """G multiply-adds/s of ``F.linear`` (with bias) for each ``(rows, in, out)`` (median of ``repeats``)."""
+    rates = []
+    for rows, inputs, outputs in shapes:
+        x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
+        times = wall_times(lambda: torch.nn.functional.linear(x, weight, bias), warmup=3,  # noqa: B023
+                           min_repeats=repeats)
+        rates.append({"shape": [rows, inputs, outputs],
+                      "g_multiply_adds_per_s": round(rows * inputs * outputs / statistics.median(times) / 1e9, 1)})
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=256)
@@ -100,6 +119,7 @@ def main() -> None:
         "image_size": args.image_size,
         "batch_size": 1,
         "matmul_1024_g_multiply_adds_per_s": round(matmul_rate(), 1),
+        "cflow_fiber_products": linear_rates(CFLOW_FIBER_PRODUCTS),
         "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]},
@@ -123,6 +143,9 @@ def main() -> None:
     ]
     lines += [f"| {row['model']} | {row['multiply_adds'] / 1e9:.3f} | {row['ms']} | {row['g_multiply_adds_per_s']} | "
               f"{row['minor_faults_per_call']} |" for row in rows]
+    lines += ["", "CflowAD's fiber products at batch 1 (`F.linear`, fibers × in → out): "
+              + ", ".join(f"{a}×{b}→{c}: {rate['g_multiply_adds_per_s']} G/s"
+                          for rate in result["cflow_fiber_products"] for a, b, c in [rate["shape"]]) + "."]
     (RESULTS / "arithmetic.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
