@@ -27,7 +27,7 @@ from rich.progress import track
 from torch.utils.flop_counter import FlopCounterMode
 
 from flowad_plugins.bench.machine import cpu_model as cpu_name
-from flowad_plugins.bench.models import build_pair
+from flowad_plugins.bench.models import build_model, pair_of
 from flowad_plugins.bench.timing import wall_times
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,14 +64,14 @@ def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
 
 def measure_cell(pair: str, side: str, image_size: int, repeats: int) -> dict:
     """One model of one pair: multiply-adds, median ms and page faults of its batch-1 forward."""
-    settings, ours, theirs = build_pair(pair, image_size)
-    model = (ours if side == "ours" else theirs).model.eval()
+    spec = pair_of(pair)[0 if side == "ours" else 1]
+    model = build_model(spec.name, image_size).model.eval()  # only this model is built in this process
     images = torch.rand(1, 3, image_size, image_size)
     with torch.inference_mode():
         model(images)  # one call first: one-time work (e.g. CflowAD's cached condition projection) is not counted
     macs = multiply_adds(model, images)
     timing = timed_forward(model, images, repeats)
-    return {"pair": pair, "model": settings[side], "side": side, "multiply_adds": macs,
+    return {"pair": pair, "model": f"{spec.name}: {spec.settings}", "side": side, "multiply_adds": macs,
             "ms": round(1e3 * timing["median_s"], 2),
             "g_multiply_adds_per_s": round(macs / timing["median_s"] / 1e9, 1),
             "minor_faults_per_call": timing["minor_faults_per_call"]}
