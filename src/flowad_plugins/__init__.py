@@ -12,11 +12,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from flowad_plugins.console import install_console_filters
+
 if TYPE_CHECKING:
     from flowad_plugins.models import CflowAD, CSFlow, FastFlow
 
 __all__ = ["CSFlow", "CflowAD", "FastFlow"]
 __version__ = "0.1.0"
+install_console_filters()  # known library noise only (flowad_plugins.console); FLOWAD_VERBOSE=1 keeps all
 
 _LAZY_ATTRIBUTES = {"CflowAD": "flowad_plugins.models", "CSFlow": "flowad_plugins.models",
                     "FastFlow": "flowad_plugins.models"}

@@ -1,0 +1,90 @@
+"""Console hygiene: drop known, harmless library messages; keep progress bars, results and real warnings.
+
+``install_console_filters()`` runs once when ``flowad_plugins`` is imported (which is what
+``anomalib train --model flowad_plugins.CflowAD`` does), and from ``flowad-demo``. Each filter names one library
+message by a regular expression; everything else, our own warnings included, passes unchanged:
+
+- Lightning's LitLogger / litmodels tips and its note that the model's callbacks override the trainer's (anomalib
+  always passes them that way);
+- Lightning's "Found N module(s) in eval mode" (the frozen backbone is in eval mode on purpose) and "Trying to
+  infer the batch_size" (anomalib's batches are dataclasses of several tensors);
+- deprecation notices that timm, anomalib and torch's pytree raise from their own imports;
+- the ONNX exporter's opset-18 notice and the ONNX version-converter warning and traceback it logs after every
+  successful export (the graph keeps opset 18, which ONNX Runtime and OpenVINO read);
+- the INFO bookkeeping of ``onnx_ir`` / ``onnxscript`` graph passes (hundreds of lines per export under the
+  anomalib CLI, which sets the root logger to INFO); their warnings and errors still show.
+
+Set ``FLOWAD_VERBOSE=1`` to keep every message. No torch or anomalib import here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# Loggers that Lightning's rank_zero_info may write to (the module-level logger is reassigned on import).
+_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+    "lightning_utilities.core.rank_zero",
+)
+_LIGHTNING_INFO_NOISE = (
+    r"Tip: For seamless cloud (logging|uploads)",
+    r"callbacks returned in `LightningModule\.configure_callbacks` will override",
+)
+KNOWN_LOG_NOISE: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(_RANK_ZERO_LOGGERS, _LIGHTNING_INFO_NOISE),
+    "onnxscript.version_converter": (
+        r"model version conversion is not supported by the onnxscript version converter",
+        r"Failed to convert the model to the target version \d+ using the ONNX C API",
+    ),
+    "torch.onnx._internal.exporter._compat": (r"Setting ONNX exporter to use operator set version",),
+}
+KNOWN_WARNINGS: tuple[str, ...] = (
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    r"Trying to infer the `batch_size` from an ambiguous collection",
+    r"Importing from timm\.models\.layers is deprecated",
+    r"The anomalib\.models\.components\.dinov2 package is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+# Libraries whose INFO records are graph-pass bookkeeping; raised to WARNING (their children inherit it).
+QUIET_INFO_LOGGERS: tuple[str, ...] = ("onnx_ir", "onnxscript")
+
+
+class MessageFilter(logging.Filter):
+    """Drop log records whose formatted message matches any of ``patterns`` (``re.search``)."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{pattern})" for pattern in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record unless its message is known noise."""
+        return self.pattern.search(record.getMessage()) is None
+
+
+_installed = False
+
+
+def install_console_filters(force: bool = False) -> bool:
+    """Install the filters once (``force``: again, e.g. after ``warnings.resetwarnings``). Returns whether it did.
+
+    Does nothing when the environment sets ``FLOWAD_VERBOSE`` to anything but ``""``/``"0"``.
+    """
+    global _installed
+    if (_installed and not force) or os.environ.get("FLOWAD_VERBOSE", "0") not in ("", "0"):
+        return False
+    for name, patterns in KNOWN_LOG_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, MessageFilter) for existing in logger.filters):
+            logger.addFilter(MessageFilter(patterns))
+    for name in QUIET_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:  # a level the user set stays
+            logger.setLevel(logging.WARNING)
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
+    _installed = True
+    return True
