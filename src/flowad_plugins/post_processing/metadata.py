@@ -1,0 +1,81 @@
+"""Threshold metadata in exported files: the rates and counts behind the thresholds, as JSON.
+
+ONNX: ``metadata_props[METADATA_KEY]``; OpenVINO IR: ``model.get_rt_info(METADATA_KEY)``. The thresholds themselves
+are already constants of the exported graph; this records where they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .processor import FlowPostProcessor
+
+METADATA_KEY = "flowad_thresholds"
+
+
+def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostProcessor) -> Path:
+    """Stamp ``post_processor.threshold_metadata()`` (JSON) into an exported ``.onnx`` or OpenVINO ``.xml`` file."""
+    path = Path(export_path)
+    payload = json.dumps(post_processor.threshold_metadata())
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        kept = [prop for prop in model.metadata_props if prop.key != METADATA_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        model.metadata_props.add(key=METADATA_KEY, value=payload)
+        onnx.save(model, str(path))
+    elif path.suffix == ".xml":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(path))
+        model.set_rt_info(payload, [METADATA_KEY])
+        with tempfile.TemporaryDirectory() as folder:
+            staged = Path(folder) / path.name
+            ov.save_model(model, str(staged), compress_to_fp16=False)  # weights stay as exported
+            del model
+            shutil.move(staged, path)
+            shutil.move(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+    else:
+        msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
+        raise ValueError(msg)
+    return path
+
+
+def read_threshold_metadata(export_path: str | Path) -> dict[str, Any]:
+    """The metadata written by ``write_threshold_metadata`` (``.onnx`` or OpenVINO ``.xml``)."""
+    path = Path(export_path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        values = {prop.key: prop.value for prop in model.metadata_props}
+        if METADATA_KEY not in values:
+            msg = f"{path} has no {METADATA_KEY!r} metadata; call write_threshold_metadata after export."
+            raise KeyError(msg)
+        return json.loads(values[METADATA_KEY])
+    if path.suffix == ".xml":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(path))
+        if not model.has_rt_info([METADATA_KEY]):
+            msg = f"{path} has no {METADATA_KEY!r} metadata; call write_threshold_metadata after export."
+            raise KeyError(msg)
+        return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+    msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
+    raise ValueError(msg)
+
+
+def finite_or_none(value: torch.Tensor) -> float | None:
+    """``float(value)``, or ``None`` for NaN/±inf (JSON has no NaN)."""
+    number = float(value)
+    return number if math.isfinite(number) else None

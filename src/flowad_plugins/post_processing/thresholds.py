@@ -1,0 +1,130 @@
+"""False-alarm-rate thresholds from normal scores: order statistics and the per-level threshold report.
+
+A threshold at rate ``fpr`` is the ``k``-th largest of ``n`` normal validation scores, ``k = ⌊fpr·(n+1)⌋``; by
+exchangeability a new normal score exceeds it with probability ``k/(n+1) ≤ fpr`` (realised rate ``Beta(k, n+1−k)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("flowad_plugins.post_processing")
+
+DEFAULT_IMAGE_FPR = 0.05
+DEFAULT_PIXEL_FPR = 0.001
+MIN_NORMAL_IMAGES_FOR_PIXEL_FPR = 10
+PIXEL_RELATIVE_ERROR_WARNING = 0.5
+
+
+def required_normal_images(fpr: float) -> int:
+    """Fewest normal images ``n`` whose order statistics can realise an image false-alarm rate ``fpr``.
+
+    The ``k``-th largest of ``n`` normal scores is exceeded by a new normal score with probability
+    ``k/(n+1)``; ``k = ⌊fpr·(n+1)⌋ ≥ 1`` needs ``n ≥ ⌈1/fpr⌉ − 1``.
+    """
+    return max(1, math.ceil(1.0 / fpr - 1.0 - 1e-9))
+
+
+def false_alarm_threshold(normal_scores: torch.Tensor, fpr: float, allow_fewer: bool = False) -> tuple[float, int]:
+    """Threshold flagging about ``fpr`` of new normal scores: the ``k``-th largest of ``normal_scores``.
+
+    Args:
+        normal_scores: scores of normal samples, any shape (flattened), ``n`` values.
+        fpr: wanted false-alarm rate in (0, 1).
+        allow_fewer: with ``⌊fpr·(n+1)⌋ < 1`` use the largest score (rate ``1/(n+1)``) instead of raising.
+
+    Returns:
+        (raw threshold, rank ``k``); flag ``score > threshold``. Expected rate ``k/(n+1) ≤ fpr``.
+    """
+    values = normal_scores.detach().flatten().float()
+    count = values.numel()
+    rank = math.floor(fpr * (count + 1) + 1e-9)
+    if rank < 1:
+        if not allow_fewer:
+            msg = (
+                f"A false-alarm rate of {fpr} needs at least {required_normal_images(fpr)} normal samples; got {count}."
+            )
+            raise ValueError(msg)
+        rank = 1
+    if count == 0:
+        msg = "No normal samples to set a false-alarm threshold from."
+        raise ValueError(msg)
+    threshold = torch.kthvalue(values.cpu(), count - rank + 1).values
+    return float(threshold), rank
+
+
+def check_rate(name: str, value: float | None) -> float | None:
+    """``value`` as a float false-alarm rate in (0, 1) (or ``None``); ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        msg = f"{name} must be a false-alarm rate in (0, 1), e.g. 0.01, or None; got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def check_normal_image_counts(normal_images: int, image_fpr: float | None, pixel_fpr: float | None) -> None:
+    """Raise when ``normal_images`` cannot support a requested rate (message says how many are needed)."""
+    problems = []
+    if image_fpr is not None and normal_images < required_normal_images(image_fpr):
+        problems.append(f"image_fpr={image_fpr} needs ≥ {required_normal_images(image_fpr)}")
+    if pixel_fpr is not None and normal_images < MIN_NORMAL_IMAGES_FOR_PIXEL_FPR:
+        problems.append(f"pixel_fpr={pixel_fpr} needs ≥ {MIN_NORMAL_IMAGES_FOR_PIXEL_FPR}")
+    if problems:
+        msg = (
+            f"Too few normal validation images for the requested false-alarm rate: {normal_images} held-out "
+            f"normal images, but {' and '.join(problems)} (an image rate r needs ⌈1/r⌉ − 1; pixels of one "
+            "image are correlated, so pixel thresholds count images too). Raise val_split_ratio, add normal "
+            "images, or request a larger rate."
+        )
+        raise ValueError(msg)
+
+
+def level_threshold_report(
+    level: str,
+    normal_values: torch.Tensor,
+    requested: float | None,
+    default: float,
+    f1_threshold: float | None,
+    normal_images: int,
+) -> dict[str, Any]:
+    """Threshold report of one level (``"image"``: scores ``(n,)``; ``"pixel"``: maps ``(n, P)``).
+
+    Holds the source (``fpr``, ``fpr_default``, ``f1``, ``none``), rate, raw threshold, rank, expected rate and
+    its spread (image) or the validation rate and its standard error across images (pixel).
+    """
+    entry: dict[str, Any] = {"requested_fpr": requested, "f1_threshold": f1_threshold}
+    if requested is None and f1_threshold is not None:
+        entry.update(source="f1", fpr=None, raw_threshold=f1_threshold)
+        return entry
+    if normal_images == 0:
+        entry.update(source="none", fpr=None, raw_threshold=None)
+        return entry
+    rate = requested if requested is not None else default
+    threshold, rank = false_alarm_threshold(normal_values, rate, allow_fewer=requested is None)
+    samples = normal_values.numel()
+    entry.update(source="fpr" if requested is not None else "fpr_default", fpr=rate, raw_threshold=threshold,
+                 rank=rank, samples=samples, expected_fpr=rank / (samples + 1))
+    if requested is None and rank / (samples + 1) > rate * (1 + 1e-9):
+        logger.warning(
+            "%s threshold: only %d normal validation samples, too few for the default rate %s; using the "
+            "highest normal score (expected false-alarm rate %.3g). Set %s_fpr or add normal images.",
+            level, samples, rate, rank / (samples + 1), level,
+        )
+    if level == "image":
+        entry["expected_fpr_sd"] = math.sqrt(rank * (samples + 1 - rank) / ((samples + 1) ** 2 * (samples + 2)))
+        return entry
+    per_image = (normal_values > threshold).float().mean(dim=1)
+    standard_error = float(per_image.std() / math.sqrt(len(per_image))) if len(per_image) > 1 else math.nan
+    entry.update(validation_fpr=float(per_image.mean()), validation_fpr_se=standard_error)
+    if not standard_error <= PIXEL_RELATIVE_ERROR_WARNING * rate:
+        logger.warning(
+            "pixel threshold: the false-alarm pixels concentrate in few of the %d normal validation "
+            "images (rate %.3g ± %.3g across images); the realised pixel rate is uncertain. Add normal "
+            "images or raise pixel_fpr.", normal_images, float(per_image.mean()), standard_error,
+        )
+    return entry
