@@ -10,7 +10,6 @@ from anomalib.engine import Engine
 from conftest import REPO, fit_and_test, run_anomalib_train
 
 from flowad_plugins import FastFlow
-from flowad_plugins.flows import conv_flow, conv_flow_forward
 from flowad_plugins.models.common import NonFiniteLossError
 from flowad_plugins.models.fastflow import FastFlowModel, default_layers
 
@@ -30,53 +29,6 @@ def _randomise(flow: torch.nn.Module) -> None:
 def _engine(tmp_path: Path, epochs: int = 1) -> Engine:
     return Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
                   enable_progress_bar=False)
-
-
-# --- the flow pass -------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("kernel_sizes", "permute_soft"), [([3], False), ([3, 1], False), ([3, 1], True)])
-def test_flow_pass_equals_freia_and_keeps_log_det_per_position(kernel_sizes: list[int], permute_soft: bool) -> None:
-    flow = conv_flow((5, 4, 6), flow_steps=4, clamp_alpha=2.0, kernel_sizes=kernel_sizes,
-                     permute_soft=permute_soft).double()
-    _randomise(flow)
-    x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
-    z, log_det_map = conv_flow_forward(flow, x)
-    z_freia, log_det_freia = flow(x)
-    assert log_det_map.shape == (3, 4, 6)
-    # FrEIA keeps its permutation matrix in float32: a soft (dense) one is exact to float32 rounding only
-    tolerance = 2e-3 if permute_soft else 1e-10
-    torch.testing.assert_close(z, z_freia, atol=tolerance, rtol=0)
-    z_only, no_log_det = conv_flow_forward(flow, x, with_log_det=False)
-    assert no_log_det is None and torch.equal(z_only, z)
-    torch.testing.assert_close(log_det_map.sum(dim=(1, 2)), log_det_freia, atol=tolerance, rtol=0)
-    # invertible: FrEIA's inverse of our z gives x back, with the negated log-det
-    x_back, log_det_back = flow(z, rev=True)
-    torch.testing.assert_close(x_back, x, atol=tolerance, rtol=0)
-    torch.testing.assert_close(log_det_back, -log_det_map.sum(dim=(1, 2)), atol=tolerance, rtol=0)
-
-
-def test_flow_pass_log_det_matches_autograd_jacobian() -> None:
-    flow = conv_flow((2, 3, 3), flow_steps=3, clamp_alpha=2.0, kernel_sizes=[3, 1]).double()
-    _randomise(flow)
-    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
-    _, log_det_map = conv_flow_forward(flow, x)
-    jacobian = torch.autograd.functional.jacobian(lambda v: conv_flow_forward(flow, v[None])[0][0].flatten(), x[0])
-    assert log_det_map.sum().item() == pytest.approx(torch.linalg.slogdet(jacobian.reshape(18, 18))[1].item(),
-                                                     abs=1e-9)
-
-
-def test_flow_pass_log_det_is_local() -> None:
-    """Changing the input far away (beyond the subnets' receptive field) leaves a position's log-det alone."""
-    flow = conv_flow((4, 1, 16), flow_steps=2, clamp_alpha=2.0, kernel_sizes=[3]).double()
-    _randomise(flow)
-    x = torch.randn(1, 4, 1, 16, dtype=torch.float64)
-    changed = x.clone()
-    changed[..., 12:] += 5.0
-    _, before = conv_flow_forward(flow, x)
-    _, after = conv_flow_forward(flow, changed)
-    torch.testing.assert_close(after[..., :4], before[..., :4], atol=1e-12, rtol=0)
-    assert not torch.allclose(after[..., 12:], before[..., 12:])
 
 
 # --- the torch model -----------------------------------------------------------------------------------------

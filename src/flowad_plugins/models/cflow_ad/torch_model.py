@@ -30,7 +30,7 @@ class CflowADModel(nn.Module):
         pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
         backbone_weights: local weights file for the backbone.
         condition_dim: size of the positional condition (multiple of 4).
-        coupling_blocks: AllInOneBlocks per decoder.
+        coupling_blocks: coupling blocks per decoder.
         clamp_alpha: soft clamp of the coupling scale.
         permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
         inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).

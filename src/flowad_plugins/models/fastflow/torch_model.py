@@ -11,7 +11,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from flowad_plugins.backbones import FeatureExtractor
-from flowad_plugins.flows import conv_flow, conv_flow_forward
+from flowad_plugins.flows import conv_flow
 from flowad_plugins.inference_passes import in_image_passes
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
@@ -52,7 +52,7 @@ class FastFlowModel(nn.Module):
 
     Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` built from the
     real feature shape at ``input_size``; transformers: the backbone's own pretrained final norm), then
-    mapped to ``z`` by a 2D flow of AllInOneBlocks with conv subnets. The per-position log-likelihood
+    mapped to ``z`` by a 2D flow of affine coupling blocks with conv subnets (``flows.conv_flow``). The per-position log-likelihood
     (per dimension, optionally with the per-position log-det) feeds the shared ``AnomalyScorer``.
 
     Args:
@@ -61,7 +61,7 @@ class FastFlowModel(nn.Module):
         layers: backbone layers, shallow to deep; ``None`` = ``default_layers(backbone)``.
         pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
         backbone_weights: local weights file for the backbone.
-        flow_steps: AllInOneBlocks per scale.
+        flow_steps: coupling blocks per scale.
         conv3x3_only: 3×3 subnets in every step; otherwise 3×3 and 1×1 alternate.
         hidden_ratio: hidden channels of a subnet = ``hidden_ratio`` × its input channels.
         clamp: soft clamp ``α`` of the affine coupling.
@@ -174,7 +174,7 @@ class FastFlowModel(nn.Module):
         """
         features = self.encoder(images)
         with float32_region(images.device.type):
-            return [conv_flow_forward(flow, norm(as_float32(feature)).contiguous(), with_log_det)
+            return [flow(norm(as_float32(feature)).contiguous(), with_log_det=with_log_det)
                     for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
 
     def log_likelihood_map(self, z: torch.Tensor, log_det: torch.Tensor | None) -> torch.Tensor:
