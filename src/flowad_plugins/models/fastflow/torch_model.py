@@ -52,8 +52,9 @@ class FastFlowModel(nn.Module):
 
     Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` built from the
     real feature shape at ``input_size``; transformers: the backbone's own pretrained final norm), then
-    mapped to ``z`` by a 2D flow of affine coupling blocks with conv subnets (``flows.conv_flow``). The per-position log-likelihood
-    (per dimension, optionally with the per-position log-det) feeds the shared ``AnomalyScorer``.
+    mapped to ``z`` by a 2D flow of affine coupling blocks with conv subnets (``flows.conv_flow``). The
+    per-position log-likelihood (per dimension, optionally with the per-position log-det) feeds the shared
+    ``AnomalyScorer``.
 
     Args:
         input_size: ``(H, W)`` of the images; ``None`` = the backbone's fixed size, else 256×256.
