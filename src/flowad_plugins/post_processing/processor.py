@@ -206,7 +206,8 @@ class FlowPostProcessor(PostProcessor):
         threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
         value_range = norm_max - norm_min
         safe_range = torch.where(value_range > 0, value_range, torch.ones_like(value_range))
-        scaled = 2 * (preds - threshold) / safe_range
+        # ±inf (a frame with non-finite pixels, see ``input_guard``) becomes ±1e30 and so 1 or 0, not inf/inf = NaN
+        scaled = (2 * (preds - threshold) / safe_range).clamp(-1e30, 1e30)
         normalized = 0.5 + 0.5 * scaled / (1 + scaled.abs())
         has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
         return torch.where(has_range, normalized, preds)

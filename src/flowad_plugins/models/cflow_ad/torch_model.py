@@ -12,6 +12,7 @@ from torch import nn
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import FiberStep, PositionalEncoding2D, fiber_flow, fiber_flow_forward, fiber_flow_steps
 from flowad_plugins.inference_passes import in_image_passes
+from flowad_plugins.input_guard import flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -133,6 +134,7 @@ class CflowADModel(nn.Module):
         return maps
 
     @in_image_passes
+    @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
         if not is_exporting():

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import CrossScaleFlow
 from flowad_plugins.inference_passes import in_image_passes
+from flowad_plugins.input_guard import flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer
 from flowad_plugins.tracing import is_exporting
@@ -117,6 +118,7 @@ class CSFlowModel(nn.Module):
         return [-0.5 * z.float().pow(2).mean(dim=1) for z in latents]
 
     @in_image_passes
+    @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
         if not is_exporting():

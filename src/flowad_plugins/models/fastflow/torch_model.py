@@ -13,6 +13,7 @@ from torch import nn
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow
 from flowad_plugins.inference_passes import in_image_passes
+from flowad_plugins.input_guard import flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -186,6 +187,7 @@ class FastFlowModel(nn.Module):
         return gaussian_log_likelihood(z, log_det if self.map_log_det else torch.zeros((), device=z.device))
 
     @in_image_passes
+    @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[tuple[torch.Tensor, torch.Tensor]]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``flow_outputs(images)``."""
         if not is_exporting():
