@@ -21,6 +21,7 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F
 
+from flowad_plugins.map_resampling import MapResampler, gaussian_matrix
 from flowad_plugins.precision import float32_region
 from flowad_plugins.tracing import is_exporting
 
@@ -100,6 +101,7 @@ class SeparableGaussianBlur(nn.Module):
         kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
         self.register_buffer("kernel", (kernel / kernel.sum()).float(), persistent=False)
         self.radius = radius
+        self.sigma = float(sigma)
         self._matrices: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
     def _kernel(self, size: int) -> torch.Tensor:
@@ -109,19 +111,11 @@ class SeparableGaussianBlur(nn.Module):
         return kernel / kernel.sum()
 
     def _matrix(self, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``size×size`` matrix of the reflect-padded 1-D convolution (row ``i`` = weights of output ``i``)."""
+        """``size×size`` matrix of the reflect-padded 1-D convolution (``map_resampling.gaussian_matrix``), cached."""
         key = (size, str(device), dtype)
         matrix = self._matrices.get(key)
         if matrix is None:
-            kernel = self._kernel(size).double().cpu()
-            pad = (kernel.numel() - 1) // 2
-            columns = torch.arange(size).unsqueeze(1) + torch.arange(-pad, pad + 1).unsqueeze(0)  # size×k
-            columns = columns.abs()  # reflect at 0 (−j → j), then at size − 1
-            columns = torch.where(columns > size - 1, 2 * (size - 1) - columns, columns)
-            rows = torch.arange(size).unsqueeze(1).expand_as(columns)
-            matrix = torch.zeros(size, size, dtype=torch.float64)
-            matrix.index_put_((rows, columns), kernel.expand(size, -1).clone(), accumulate=True)
-            matrix = matrix.to(device=device, dtype=dtype)
+            matrix = gaussian_matrix(self.sigma, size).to(device=device, dtype=dtype)
             self._matrices[key] = matrix
         return matrix
 
@@ -189,6 +183,7 @@ class AnomalyScorer(nn.Module):
         self.aggregation = aggregation
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
+        self._resampler = MapResampler()
 
     @property
     def blur_sigma(self) -> float:
@@ -213,33 +208,34 @@ class AnomalyScorer(nn.Module):
                 return self._score_likelihood(log_likelihoods, output_size)
             return self._score(log_likelihoods, output_size)
 
+    def _resampled(self, maps: list[torch.Tensor], output_size: tuple[int, int], smooth: bool,
+                   scales: Sequence[int] | None = None, mean: bool = False) -> torch.Tensor:
+        """``B×1×H×W``: the maps of ``scales`` (all by default) upsampled, summed (or averaged), optionally smoothed."""
+        chosen = [maps[scale] for scale in scales] if scales is not None else list(maps)
+        weights = [1.0 / len(chosen)] * len(chosen) if mean else None
+        if self._resampler.supports(output_size):
+            return self._resampler(chosen, output_size, self.blur_sigma if smooth else 0.0, weights)
+        upsampled = [F.interpolate(values.unsqueeze(1), size=output_size, mode="bilinear", align_corners=False)
+                     for values in chosen]
+        combined = torch.stack(upsampled, dim=0).sum(dim=0) * (1.0 / len(chosen) if mean else 1.0)
+        return self.blur(combined) if smooth else combined
+
     def _score(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         stats = self.statistics
-        maps = []
-        for scale, log_likelihood in enumerate(log_likelihoods):
-            standardised = (stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
-            maps.append(
-                F.interpolate(standardised.unsqueeze(1), size=tuple(output_size), mode="bilinear",
-                              align_corners=False)
-            )
-        combined = torch.stack(maps, dim=0).mean(dim=0)
-        pred_score = combined.flatten(1).amax(dim=1)  # from the unsmoothed map: blur must not dilute small defects
-        if self.map_scales is not None:
-            combined = torch.stack([maps[scale] for scale in self.map_scales], dim=0).mean(dim=0)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=self.blur(combined))
+        size = (int(output_size[0]), int(output_size[1]))
+        maps = [(stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
+                for scale, log_likelihood in enumerate(log_likelihoods)]
+        # the score from the unsmoothed map: blur must not dilute small defects
+        pred_score = self._resampled(maps, size, smooth=False, mean=True).flatten(1).amax(dim=1)
+        anomaly_map = self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``−log Σ_l up(exp(log p_l − μ_l))``, smoothed in the probability domain (see the class docstring)."""
         stats = self.statistics
-        probability = map_probability = None
-        for scale, log_likelihood in enumerate(log_likelihoods):
-            relative = (log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD)
-            upsampled = F.interpolate(relative.exp().unsqueeze(1), size=tuple(output_size), mode="bilinear",
-                                      align_corners=False)
-            probability = upsampled if probability is None else probability + upsampled
-            if self.map_scales is not None and scale in self.map_scales:
-                map_probability = upsampled if map_probability is None else map_probability + upsampled
-        pred_score = -probability.flatten(1).amin(dim=1).log()
-        if self.map_scales is not None:
-            probability = map_probability
-        return InferenceBatch(pred_score=pred_score, anomaly_map=-self.blur(probability).log())
+        size = (int(output_size[0]), int(output_size[1]))
+        relative = [(log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD).exp()
+                    for scale, log_likelihood in enumerate(log_likelihoods)]
+        pred_score = -self._resampled(relative, size, smooth=False).flatten(1).amin(dim=1).log()
+        anomaly_map = -self._resampled(relative, size, smooth=True, scales=self.map_scales).log()
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
