@@ -69,7 +69,8 @@ class CSFlowModel(nn.Module):
         if int(num_scales) != num_scales or num_scales < 2:
             msg = f"num_scales must be an integer ≥ 2 (paper: 3), got {num_scales}."
             raise ValueError(msg)
-        self.encoder = FeatureExtractor(backbone, [layer], pre_trained=pre_trained, backbone_weights=backbone_weights)
+        self.encoder = FeatureExtractor(backbone, [layer], pre_trained=pre_trained, backbone_weights=backbone_weights,
+                                        layers_parameter="layer")
         self.num_scales = int(num_scales)
         self.flow = CrossScaleFlow(
             channels=self.encoder.channels[0],
