@@ -1,8 +1,8 @@
 """Likelihood → anomaly map and image score, normalised with statistics of normal training data.
 
 Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` (higher = more normal).
-``LikelihoodStatistics`` (``flowad_plugins.statistics``) learns the mean and standard deviation of those values on normal training
-data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
+``LikelihoodStatistics`` (``flowad_plugins.statistics``) learns the mean and standard deviation of those values
+on normal training data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
 maps into one ``anomaly_map B×1×H×W``, either as standardised negative log-likelihoods averaged over
 scales or, as the CFLOW/FastFlow papers do, as a sum of likelihoods relative to the training mean
 (``aggregation``), then optionally smooths it (``blur_sigma``). The image score is the maximum of the
@@ -27,16 +27,20 @@ from flowad_plugins.tracing import is_exporting
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_log_likelihood(z: torch.Tensor, log_jac_det: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
-    """Log-likelihood per dimension under a standard normal latent.
+def gaussian_log_likelihood(
+    z: torch.Tensor, log_jac_det: torch.Tensor, channel_dim: int = 1, with_constant: bool = True
+) -> torch.Tensor:
+    """Log-likelihood per dimension under a standard normal latent: the one definition all models use.
 
     ``(log|det J| − ½‖z‖² − ½·C·log 2π) / C``: ``z`` is ``N×C`` (fibers) or ``B×C×h×w`` with ``log_jac_det``
     broadcastable to the result (``N``, or ``B×h×w``, or a scalar 0 when the head ignores it).
+    ``with_constant=False`` leaves out ``−½·log 2π`` (CS-Flow's maps, standardised anyway).
     Computed in float32 whatever the input precision.
     """
     z = z.float()
     channels = z.shape[channel_dim]
-    return (log_jac_det.float() - 0.5 * z.pow(2).sum(dim=channel_dim)) / channels - HALF_LOG_2PI
+    per_dimension = (log_jac_det.float() - 0.5 * z.pow(2).sum(dim=channel_dim)) / channels
+    return per_dimension - HALF_LOG_2PI if with_constant else per_dimension
 
 
 class SeparableGaussianBlur(nn.Module):
