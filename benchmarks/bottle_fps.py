@@ -15,16 +15,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from harness.machine import cpu_model as cpu_name
+from harness.models import build_model
+from harness.timing import interleaved_wall_times
 from rich.progress import Progress
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from evaluate import build_model, cpu_name
-
-from flowad_plugins.bench.timing import interleaved_wall_times
 
 LITE0 = {"backbone": "efficientnet_lite0"}
 MODELS = {

@@ -22,114 +22,27 @@ import torch
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from harness.machine import cpu_model as cpu_name
+from harness.models import build_model
+from harness.timing import wall_times
 from lightning.pytorch import seed_everything
-from torch import nn
-
-from flowad_plugins.bench.machine import cpu_model as cpu_name
-from flowad_plugins.bench.timing import wall_times
-
-ANOMALIB_FASTFLOW_BACKBONES = {"resnet18", "wide_resnet50_2", "cait_m48_448", "deit_base_distilled_patch16_384"}
 
 
-class _FeatureDict(nn.Module):
-    """``images -> {key: trunk(images)}``: stands in for anomalib's ``TimmFeatureExtractor`` in Csflow."""
+def load_checkpoint_safely(path: Path) -> dict:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
 
-    def __init__(self, trunk: nn.Module, key: str) -> None:
-        super().__init__()
-        self.trunk, self.key = trunk, key
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.key: self.trunk(images)}
-
-
-def _anomalib_pre_processor(backbone: str, image_size: int, backbone_weights=None):
-    """anomalib's resize + normalise, with the mean/std the backbone's weights were trained with.
-
-    Our extractors convert anomalib's ImageNet normalisation to the weights' own internally
-    (``flowad_plugins.backbones``); anomalib's don't, so their pre-processor gets it directly.
+    Our models' checkpoints hold no other objects; a file that needs one (e.g. written by an older version) fails
+    with the global it asked for, instead of running arbitrary pickled code.
     """
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
+    import pickle
 
-    from flowad_plugins.backbones import backbone_input_normalization
-
-    norm = backbone_input_normalization(backbone, True, backbone_weights)
-    return PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True),
-                                           Normalize(mean=list(norm.mean), std=list(norm.std))]))
-
-
-def _build_anomalib_model(name: str, init: dict, image_size: int):
-    """anomalib's built-in ``name`` on ``init["backbone"]`` with our offline weights.
-
-    anomalib's extractors would download ImageNet weights (impossible offline): they are built without,
-    then get the same weights our models use. Where anomalib hard-codes its backbone, the same backbone as
-    ours is swapped in (settings recorded in the result): Fastflow accepts only four names, so another timm
-    CNN gets its first three stages through the same ``features_only`` call; Csflow always builds
-    torchvision's EfficientNet-B5 (features.6.8, 304 channels, stride 32), so it gets the backbone's last
-    stride-32 stage before the head (``efficientnet_lite0``: blocks.5, 192 channels) with its flow inputs
-    sized to match.
-    """
-    from unittest import mock
-
-    import timm
-    import torchvision
-    from anomalib.models import get_model
-    from anomalib.models.image.csflow import torch_model as anomalib_csflow
-
-    from flowad_plugins.backbones import _create_timm_model, load_backbone_weights
-
-    short = name.removeprefix("anomalib.")
-    init = dict(init)
-    backbone = init.pop("backbone")
-    weights = init.pop("backbone_weights", None)
-    if short.lower() == "csflow":
-        full = _create_timm_model(backbone, True, weights)
-        trunk = nn.Sequential(full.conv_stem, full.bn1, *full.blocks[:-1]).eval().requires_grad_(False)
-        channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
-
-        def random_b5(*_, **kwargs):
-            kwargs.pop("weights", None)
-            return torchvision.models.efficientnet_b5(weights=None, **kwargs)
-
-        real_input_node = anomalib_csflow.InputNode
-        with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5), \
-                mock.patch.object(anomalib_csflow, "InputNode",
-                                  lambda _c, *dims, **kw: real_input_node(channels, *dims, **kw)):
-            model = get_model(short, **init)
-        model.model.feature_extractor.feature_extractor = _FeatureDict(trunk, "features.6.8")
-        return model
-    if short.lower() == "fastflow" and backbone not in ANOMALIB_FASTFLOW_BACKBONES:
-        real_create = timm.create_model
-        with mock.patch.object(timm, "create_model", lambda _name, **kw: real_create(backbone, **kw)):
-            model = get_model(short, **{**init, "backbone": "resnet18", "pre_trained": False})
-    else:
-        model = get_model(short, **{**init, "backbone": backbone, "pre_trained": False})
-    extractor = model.model.feature_extractor if hasattr(model.model, "feature_extractor") else model.model.encoder
-    load_backbone_weights(getattr(extractor, "feature_extractor", extractor), backbone, backbone_weights=weights)
-    return model
-
-
-def build_model(name: str, init: dict, keep_anomalib_post_processor: bool = False, image_size: int = 256):
-    """Our class by name, or ``anomalib.<Name>`` for anomalib's built-in model.
-
-    anomalib's built-ins get our evaluator (AUPRO, ``val_*``) and our rank-preserving ``FlowPostProcessor``
-    unless asked otherwise: anomalib's default clamps normalised scores to [0, 1] with the validation range,
-    which creates ties and biases AUROC/AUPRO downwards; the same post-processor for every model keeps the
-    comparison fair.
-    """
-    if name.startswith("anomalib."):
-        from flowad_plugins.models.common import FlowAnomalibModule
-        from flowad_plugins.post_processing import FlowPostProcessor
-
-        extra = {"evaluator": FlowAnomalibModule.configure_evaluator(),
-                 "pre_processor": _anomalib_pre_processor(init["backbone"], image_size, init.get("backbone_weights"))}
-        if not keep_anomalib_post_processor:
-            extra["post_processor"] = FlowPostProcessor()
-        return _build_anomalib_model(name, {**init, **extra}, image_size)
-    import flowad_plugins
-
-    model_class = getattr(flowad_plugins, name)
-    return model_class(**init, pre_processor=model_class.configure_pre_processor((image_size, image_size)))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        msg = (f"--rescore-checkpoint {path}: not loadable with weights_only=True ({str(error).strip()[:400]}). "
+               "Re-save it from a trusted session (state_dict only), or allow the named class with "
+               "torch.serialization.add_safe_globals if you trust the file.")
+        raise SystemExit(msg) from error
 
 
 def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int = 8, repeats: int = 5,
@@ -180,9 +93,6 @@ def save_defect_maps(model, datamodule, path: Path, per_defect: int = 2) -> None
                         f"{Path(dataset.samples.image_path.iloc[i]).stem}" for i in chosen]),
     )
 
-
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="CflowAD", help="flowad_plugins class or anomalib.<Name>")
@@ -214,7 +124,8 @@ def main() -> None:
 
     seed_everything(args.seed, workers=True)
     init = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.init)}
-    model = build_model(args.model, init, args.keep_anomalib_post_processor, args.image_size)
+    model = build_model(args.model, init, args.image_size,
+                        keep_anomalib_post_processor=args.keep_anomalib_post_processor)
     datamodule = MVTecAD(
         root=args.root,
         category=args.category,
@@ -232,7 +143,7 @@ def main() -> None:
         rescored_from = json.loads(args.rescore_checkpoint[1].read_text())
         # into the model built above (building another would consume random numbers and change the synthetic
         # validation anomalies, which the datamodule draws from the global generator at setup)
-        checkpoint = torch.load(args.rescore_checkpoint[0], map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_safely(args.rescore_checkpoint[0])
         model.load_state_dict(checkpoint["state_dict"])
         engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
                         default_root_dir="results_tmp", precision=args.precision)

@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.deploy import CompressionType
+from harness.machine import cpu_model as cpu_name
+from harness.timing import wall_times
 from rich.progress import track
 from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as TF
 
 import flowad_plugins
-from flowad_plugins.bench.machine import cpu_model as cpu_name
-from flowad_plugins.bench.timing import wall_times
 from flowad_plugins.export import export_model, openvino_config, quantize_on_normal_images
 
 FP32_MAP_TOLERANCE = 1e-3
@@ -136,7 +136,7 @@ def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
     import onnxruntime as ort
     import openvino as ov
 
-    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=8, eval_batch_size=8,
                          num_workers=0, val_split_mode="synthetic", val_split_ratio=0.2, seed=args.seed)
     images, masks, labels = load_test_set(datamodule, args.image_size)

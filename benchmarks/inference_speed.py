@@ -20,10 +20,10 @@ import statistics
 from pathlib import Path
 
 import torch
+from harness.machine import cpu_model as cpu_name
+from harness.timing import interleaved_wall_times
 from rich.progress import track
 
-from flowad_plugins.bench.machine import cpu_model as cpu_name
-from flowad_plugins.bench.timing import interleaved_wall_times
 from flowad_plugins.inference_passes import images_per_pass
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,9 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def build_pair(pair: str, image_size: int = 256) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
     """Return (settings, ours, anomalib's) torch models in eval mode (``image_size``: for models built for one).
 
-    The pairs (same backbone/layers where anomalib allows) are defined once, in ``flowad_plugins.bench.models``.
+    The pairs (same backbone/layers where anomalib allows) are defined once, in ``harness.models``.
     """
-    from flowad_plugins.bench.models import build_pair as build_lightning_pair
+    from harness.models import build_pair as build_lightning_pair
 
     if pair not in ("cflow", "csflow", "fastflow"):
         msg = f"Unknown pair={pair!r}; allowed: ['cflow', 'csflow', 'fastflow']."

@@ -1,11 +1,14 @@
 """Print the README's results tables from the committed JSON files in ``benchmarks/results/``.
 
     python benchmarks/report.py > /tmp/results.md   # then paste into README.md "Results"
+    python benchmarks/report.py --edge benchmarks/results/bench/edge.json   # the README's edge table
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,7 +85,17 @@ def speed_table() -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edge", type=Path, default=None, metavar="RESULT_JSON",
+                        help="print the edge table (markdown) of a benchmark.py result instead")
+    args = parser.parse_args(argv)
+    if args.edge is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from harness.edge_report import edge_table
+
+        print("\n".join(edge_table(json.loads(args.edge.read_text()))))
+        return
     print("\n".join(["### Accuracy on MVTec AD bottle (test set, CPU, input size per row)", "", *accuracy_table(), "",
                      *reproduce_commands(), "",
                      "### Torch CPU inference speed, side by side with anomalib", "", *speed_table()]))

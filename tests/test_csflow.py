@@ -158,7 +158,7 @@ def test_bad_arguments_are_named() -> None:
         _model(lr=0)
     with pytest.raises(ValueError, match="layer must be one backbone layer name"):
         _model(layer=["blocks.2", "blocks.4"])
-    with pytest.raises(ValueError, match="Unknown layers"):
+    with pytest.raises(ValueError, match="Unknown layer=.blocks.9. for backbone"):
         _model(layer="blocks.9")
     with pytest.raises(ValueError, match="num_scales must be an integer ≥ 2"):
         _model(num_scales=1)

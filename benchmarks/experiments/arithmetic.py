@@ -7,7 +7,7 @@ inherits another's allocator state), the achieved rate (G multiply-adds/s) and t
 Also the rate of one large float32 product (1024³ ``torch.mm``), the CPU's practical peak for dense matrix work.
 Results: ``benchmarks/results/arithmetic.{json,md}``.
 
-    python benchmarks/arithmetic.py
+    python benchmarks/experiments/arithmetic.py
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import torch
 from rich.progress import track
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowad_plugins.bench.machine import cpu_model as cpu_name
-from flowad_plugins.bench.models import build_model, pair_of
-from flowad_plugins.bench.timing import wall_times
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness
+from harness.machine import cpu_model as cpu_name
+from harness.models import build_benchmark_model, pair_of
+from harness.timing import wall_times
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 PAIRS = ("cflow", "fastflow", "csflow")
 
 
@@ -65,7 +66,7 @@ def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
 def measure_cell(pair: str, side: str, image_size: int, repeats: int) -> dict:
     """One model of one pair: multiply-adds, median ms and page faults of its batch-1 forward."""
     spec = pair_of(pair)[0 if side == "ours" else 1]
-    model = build_model(spec.name, image_size).model.eval()  # only this model is built in this process
+    model = build_benchmark_model(spec.name, image_size).model.eval()  # only this model is built in this process
     images = torch.rand(1, 3, image_size, image_size)
     with torch.inference_mode():
         model(images)  # one call first: one-time work (e.g. CflowAD's cached condition projection) is not counted
@@ -115,7 +116,7 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     result = {
-        "command": "python benchmarks/arithmetic.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/experiments/arithmetic.py " + " ".join(sys.argv[1:]),
         "image_size": args.image_size,
         "batch_size": 1,
         "matmul_1024_g_multiply_adds_per_s": round(matmul_rate(), 1),

@@ -4,7 +4,7 @@ Variants of ``export.quantize_backbone_on_normal_images`` (normal training image
 post-processor stay float), each run with the OpenVINO f32 hint: as shipped; depthwise convolutions
 (OpenVINO ``GroupConvolution``) kept float too; nncf's MIXED preset (asymmetric activations); both.
 
-    python benchmarks/int8_variants.py CflowAD path/to/model.ckpt 256
+    python benchmarks/experiments/int8_variants.py CflowAD path/to/model.ckpt 256
 """
 
 import json
@@ -18,14 +18,14 @@ import openvino as ov
 import torch
 from anomalib.data import MVTecAD
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
 import export_parity as ep
 
 import flowad_plugins
 import flowad_plugins.export as fe
 
 name, ckpt, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = getattr(flowad_plugins, name).load_from_checkpoint(ckpt, map_location="cpu").eval()
+model = getattr(flowad_plugins, name).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
 dm = MVTecAD(root="../shared/data/mvtec_ad", category="bottle", train_batch_size=8, eval_batch_size=8,
              num_workers=0, val_split_mode="synthetic", val_split_ratio=0.2, seed=0)
 images, masks, labels = ep.load_test_set(dm, size)

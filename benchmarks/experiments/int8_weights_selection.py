@@ -6,7 +6,7 @@ only of normal *training* images, every other one given a synthetic anomaly by a
 (``flowad_plugins.export.compress_flow_weights``, what ships). The bottle test AUROCs are printed next to it for the
 record; the choice was made on the validation column.
 
-    python benchmarks/int8_weights_selection.py CflowAD=path.ckpt FastFlow=path.ckpt CSFlow=path.ckpt \\
+    python benchmarks/experiments/int8_weights_selection.py CflowAD=path.ckpt FastFlow=path.ckpt CSFlow=path.ckpt \\
         --out benchmarks/results/int8_weights_selection
 """
 
@@ -27,12 +27,12 @@ from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
 import export_parity as ep
+from harness.machine import cpu_model
 
 import flowad_plugins
 from flowad_plugins import export as fe
-from flowad_plugins.bench.machine import cpu_model
 
 
 def synthetic_validation(datamodule: MVTecAD, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -74,7 +74,7 @@ def main() -> None:
     size, core, rows = args.image_size, ov.Core(), []
     for item in args.ckpt:
         name, path = item.split("=", 1)
-        model = getattr(flowad_plugins, name).load_from_checkpoint(path, map_location="cpu").eval()
+        model = getattr(flowad_plugins, name).load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
         datamodule = MVTecAD(root=args.root, category="bottle", train_batch_size=8, eval_batch_size=8, num_workers=0,
                              val_split_mode="synthetic", val_split_ratio=0.2, seed=0)
         validation = synthetic_validation(datamodule, size)
@@ -100,7 +100,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     result = {"rows": rows, "machine": {"cpu": cpu_model(), "threads": 2},
-              "command": "python benchmarks/int8_weights_selection.py " + " ".join(sys.argv[1:])}
+              "command": "python benchmarks/experiments/int8_weights_selection.py " + " ".join(sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["# INT8 weight compression: which weights (chosen on synthetic validation)", "",

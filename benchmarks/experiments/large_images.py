@@ -12,7 +12,7 @@ memory after the imports, after building the model, and the process's peak (``Vm
   (CflowAD: one fiber batch of ``fiber_batch_size`` fibers per layer, which is what bounds its training memory
   whatever the image size).
 
-    flock /tmp/flowad_cpu.lock python benchmarks/large_images.py
+    flock /tmp/flowad_cpu.lock python benchmarks/experiments/large_images.py
 
 Writes ``benchmarks/results/large_images_cpu.{json,md}``.
 """
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 SIZES = {"1024x1024": (1024, 1024), "1280x960": (960, 1280)}  # name (W×H) → tensor (H, W)
 MODELS = ("CflowAD", "FastFlow", "CSFlow")
@@ -159,7 +159,7 @@ def main() -> None:
 
     machine = {"cpu": cpu_name(), "threads": int(env["OMP_NUM_THREADS"]), "torch": torch.__version__,
                "python": platform.python_version(), "load_average_1min": round(os.getloadavg()[0], 2)}
-    command = "python benchmarks/large_images.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/experiments/large_images.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "large_images_cpu.json").write_text(json.dumps({"machine": machine, "command": command,
                                                                "results": results}, indent=1) + "\n")
@@ -186,5 +186,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
     main()

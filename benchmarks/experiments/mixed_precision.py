@@ -5,7 +5,7 @@ no-leakage protocol), taken under the shared CPU lock (``flock /tmp/flowad_cpu.l
 contend with other heavy jobs. Under ``bf16-mixed`` only the frozen backbone runs in bf16; flows, log-dets,
 likelihoods and scores stay float32 (``flowad_plugins.precision``).
 
-    python benchmarks/mixed_precision.py --models CflowAD FastFlow CSFlow
+    python benchmarks/experiments/mixed_precision.py --models CflowAD FastFlow CSFlow
 
 Writes ``benchmarks/results/bf16_<model>_<precision>.json`` (evaluate.py's output) and the comparison
 ``benchmarks/results/bf16_summary.{json,md}``.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 LOCK = "/tmp/flowad_cpu.lock"
 # The repository's offline settings (configs/*_efficientnet_lite0.yaml), shortened schedules.
@@ -96,7 +96,7 @@ def main() -> None:
 
     runs: dict[str, dict[str, dict]] = {}
     pairs = [(model, precision) for model in args.models for precision in PRECISIONS]
-    command = "python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/experiments/mixed_precision.py " + " ".join(sys.argv[1:])
     for model, precision in tqdm(pairs, desc="evaluate.py runs", unit="run"):
         start = time.perf_counter()
         runs.setdefault(model, {})[precision] = run_one(model, precision, args.root, not args.no_lock)
@@ -128,5 +128,5 @@ def write_summary(runs: dict[str, dict[str, dict]], command: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
     main()

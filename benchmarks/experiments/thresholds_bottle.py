@@ -7,7 +7,7 @@ model and the same validation predictions, also compute anomalib's default ``Pos
 the false-alarm rate on test/good and the recall on defective test images (image level), and the pixel
 false-alarm rate on test/good pixels and the recall of defect pixels (pixel level). Nothing is chosen on test.
 
-    flock /tmp/flowad_cpu.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/thresholds_bottle.py
+    flock /tmp/flowad_cpu.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/experiments/thresholds_bottle.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from anomalib.post_processing import PostProcessor
 from lightning.pytorch import seed_everything
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from evaluate import cpu_name  # noqa: E402
 
@@ -219,7 +219,7 @@ def main() -> None:
         "seed": args.seed,
         "models": rows,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "command": "python benchmarks/thresholds_bottle.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/experiments/thresholds_bottle.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

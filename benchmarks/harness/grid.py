@@ -1,9 +1,10 @@
-"""The benchmark grid and its driver: models × backends × input sizes × devices × batch sizes.
+"""The benchmark grid and its driver: models × parts × backends × input sizes × devices × batch sizes.
 
 Every task runs in a fresh subprocess (``runner.py``) so that peak RSS is the cell's own and a crash or a backend
 that cannot load a model becomes an error string in that cell, not the end of the run. Per model and input size:
-one export task (torch state dict, ONNX, OpenVINO IR), one timing task per (backend, device, batch size), and one
-training task (time per epoch; accuracy when a dataset is given).
+one export task (torch state dict, ONNX, OpenVINO IR; whole model and, with ``parts`` including ``backbone``, the
+backbone alone), one timing task per (part, backend, device, batch size), one training task (time per epoch;
+accuracy when a dataset is given), and with ``profile`` one per-op OpenVINO profile per (part, backend, batch).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowad_plugins.bench import runner
-from flowad_plugins.bench.models import DEFAULT_MODELS, MODEL_SPECS, check_model_names
+from harness import runner
+from harness.models import DEFAULT_MODELS, MODEL_SPECS, check_model_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEVICES = ("cpu", "cuda")
+PARTS = ("model", "backbone")
 RUNNER_SCRIPT = Path(runner.__file__).resolve()
 
 
@@ -37,6 +39,8 @@ class BenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     image_sizes: list[int] = field(default_factory=lambda: [256])
     devices: list[str] = field(default_factory=lambda: ["cpu"])
+    parts: list[str] = field(default_factory=lambda: ["model"])
+    profile: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     warmup: int = 2
     min_repeats: int = 5
@@ -56,6 +60,13 @@ class BenchConfig:
         unknown = [backend for backend in self.backends if backend not in runner.BACKENDS]
         if unknown:
             msg = f"Unknown backends={unknown}; allowed: {list(runner.BACKENDS)}."
+            raise ValueError(msg)
+        unknown = [part for part in self.parts if part not in PARTS]
+        if unknown or "model" not in self.parts:
+            msg = f"parts={self.parts} must include 'model'; allowed: {list(PARTS)}."
+            raise ValueError(msg)
+        if self.profile and not any(backend.startswith("openvino") for backend in self.backends):
+            msg = f"profile=True profiles OpenVINO cells: backends={self.backends} has none."
             raise ValueError(msg)
         unknown = [device for device in self.devices if device not in DEVICES]
         if unknown:
@@ -87,6 +98,15 @@ def quick_config(**overrides: Any) -> BenchConfig:
     return BenchConfig(**settings)
 
 
+def edge_config(**overrides: Any) -> BenchConfig:
+    """The edge grid: six models × (whole, backbone) × OpenVINO default / f32 / INT8 × batch 1 and 8, 256 px, CPU."""
+    settings: dict[str, Any] = {"backends": ["openvino-default", "openvino-fp32", "openvino-int8"],
+                                "parts": list(PARTS), "batch_sizes": [1, 8], "image_sizes": [256], "train": False,
+                                "profile": True}
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
 def run_task(task: dict[str, Any], work_dir: Path, timeout_s: float, threads: int) -> dict[str, Any]:
     """Run one task in a fresh Python process; its result, or ``{"error": ...}`` when it failed or died."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -105,10 +125,10 @@ def run_task(task: dict[str, Any], work_dir: Path, timeout_s: float, threads: in
     return {"error": f"process exited with code {completed.returncode} and no result: {tail}"}
 
 
-def _cell_record(spec_name: str, backend: str, device: str, size: int, batch: int) -> dict[str, Any]:
+def _cell_record(spec_name: str, part: str, backend: str, device: str, size: int, batch: int) -> dict[str, Any]:
     spec = MODEL_SPECS[spec_name]
-    return {"model": spec_name, "family": spec.family, "ours": spec.ours, "backend": backend, "device": device,
-            "image_size": size, "batch_size": batch}
+    return {"model": spec_name, "family": spec.family, "ours": spec.ours, "part": part, "backend": backend,
+            "device": device, "image_size": size, "batch_size": batch}
 
 
 def run_benchmark(config: BenchConfig, work_root: Path | None = None,
@@ -120,7 +140,7 @@ def run_benchmark(config: BenchConfig, work_root: Path | None = None,
     """
     import torch
 
-    from flowad_plugins.bench.machine import machine_info
+    from harness.machine import machine_info
 
     config.validate()
     devices = [device for device in config.devices if device != "cuda" or torch.cuda.is_available()]
@@ -133,58 +153,67 @@ def run_benchmark(config: BenchConfig, work_root: Path | None = None,
     try:
         for name in config.models:
             spec = MODEL_SPECS[name]
-            models[name] = {"family": spec.family, "ours": spec.ours, "settings": spec.settings,
-                            "offline_weights": spec.offline_weights, "sizes": {}}
+            models[name] = {"family": spec.family, "ours": spec.ours, "settings": spec.settings, "init": spec.init,
+                            "sizes": {}}
             for size in config.image_sizes:
+                work = root / name / str(size)
                 formats = sorted({runner.BACKEND_FORMATS[backend] for backend in config.backends})
                 step(f"export {name} {size}px")
                 export = run_task({"kind": "export", "model": name, "image_size": size, "formats": formats,
-                                   "out_dir": str(root / name / str(size) / "export"),
-                                   "work_dir": str(root / name / str(size)), "threads": config.threads,
-                                   "data_root": config.data_root, "category": config.category},
-                                  root / name / str(size) / "export_task", config.task_timeout_s, config.threads)
-                entry = {"export": {key: export.get(key) for key in ("bytes", "seconds", "errors", "peak_rss_mb",
-                                                                      "error")}}
+                                   "parts": config.parts, "out_dir": str(work / "export"), "work_dir": str(work),
+                                   "threads": config.threads, "data_root": config.data_root,
+                                   "category": config.category},
+                                  work / "export_task", config.task_timeout_s, config.threads)
+                parts = export.get("parts") or {}
+                entry: dict[str, Any] = {"export": {
+                    part: {key: (parts.get(part) or {}).get(key) for key in ("bytes", "seconds", "errors",
+                                                                             "multiply_adds_per_image")}
+                    for part in config.parts}, "export_error": export.get("error"),
+                    "export_peak_rss_mb": export.get("peak_rss_mb"), "profiles": {}}
                 models[name]["parameters"] = export.get("parameters")
-                for device in devices:
-                    for backend in config.backends:
-                        file_format = runner.BACKEND_FORMATS[backend]
-                        for batch in config.batch_sizes:
-                            cell = _cell_record(name, backend, device, size, batch)
-                            cell.update({"parameters": export.get("parameters"),
-                                         "file_format": file_format,
-                                         "file_bytes": (export.get("bytes") or {}).get(file_format)})
-                            file = (export.get("files") or {}).get(file_format)
-                            if backend != "torch" and file is None:
-                                reason = (export.get("errors") or {}).get(file_format) or export.get("error")
-                                cell.update({"status": "error", "error": f"export to {file_format} failed: {reason}"})
-                                cells.append(cell)
-                                continue
-                            step(f"{name} {backend} {device} {size}px b{batch}")
-                            timing = run_task({"kind": "time", "model": name, "backend": backend, "device": device,
-                                               "image_size": size, "batch_size": batch, "file": file,
-                                               "threads": config.threads, "warmup": config.warmup,
-                                               "min_repeats": config.min_repeats, "max_repeats": config.max_repeats,
-                                               "min_seconds": config.min_seconds},
-                                              root / "cells" / f"{name}_{backend}_{device}_{size}_{batch}",
-                                              config.task_timeout_s, config.threads)
-                            timing.pop("traceback", None)
-                            cell.update(timing)
-                            cell["status"] = "error" if "error" in timing else "ok"
-                            cells.append(cell)
+                for part, device, backend, batch in _cell_keys(config, devices):
+                    exported = parts.get(part) or {}
+                    file_format = runner.BACKEND_FORMATS[backend]
+                    cell = _cell_record(name, part, backend, device, size, batch)
+                    cell.update({"parameters": export.get("parameters"), "file_format": file_format,
+                                 "file_bytes": (exported.get("bytes") or {}).get(file_format),
+                                 "multiply_adds_per_image": exported.get("multiply_adds_per_image")})
+                    file = (exported.get("files") or {}).get(file_format)
+                    if backend != "torch" and file is None:
+                        reason = (exported.get("errors") or {}).get(file_format) or export.get("error")
+                        cell.update({"status": "error", "error": f"export to {file_format} failed: {reason}"})
+                        cells.append(cell)
+                        continue
+                    step(f"{name} {part} {backend} {device} {size}px b{batch}")
+                    task = {"kind": "time", "model": name, "part": part, "backend": backend, "device": device,
+                            "image_size": size, "batch_size": batch, "file": file, "threads": config.threads,
+                            "warmup": config.warmup, "min_repeats": config.min_repeats,
+                            "max_repeats": config.max_repeats, "min_seconds": config.min_seconds}
+                    cell_dir = root / "cells" / f"{name}_{part}_{backend}_{device}_{size}_{batch}"
+                    timing = run_task(task, cell_dir, config.task_timeout_s, config.threads)
+                    timing.pop("traceback", None)
+                    cell.update(timing)
+                    cell["status"] = "error" if "error" in timing else "ok"
+                    cells.append(cell)
+                    if config.profile and backend.startswith("openvino") and device == "cpu":
+                        step(f"profile {name} {part} {backend} b{batch}")
+                        profile = run_task({**task, "kind": "profile"}, cell_dir / "profile", config.task_timeout_s,
+                                           config.threads)
+                        profile.pop("traceback", None)
+                        entry["profiles"][f"{part}/{backend}/b{batch}"] = profile
                 if config.train:
                     step(f"train {name} {size}px")
                     train = run_task({"kind": "train", "model": name, "image_size": size, "device": devices[0],
                                       "epochs": config.epochs, "batch_size": config.train_batch_size,
                                       "train_images": config.train_images, "threads": config.threads,
                                       "data_root": config.data_root, "category": config.category,
-                                      "work_dir": str(root / name / str(size) / "train")},
-                                     root / name / str(size) / "train_task", config.task_timeout_s, config.threads)
+                                      "work_dir": str(work / "train")},
+                                     work / "train_task", config.task_timeout_s, config.threads)
                     train.pop("traceback", None)
                     entry["train"] = train
                 models[name]["sizes"][str(size)] = entry
-                # exported files can be large (anomalib's Csflow: 1.2 GB per format): drop them once timed
-                shutil.rmtree(root / name / str(size) / "export", ignore_errors=True)
+                # exported files can be large: drop them once timed
+                shutil.rmtree(work / "export", ignore_errors=True)
     finally:
         if temporary is not None:
             temporary.cleanup()
@@ -199,7 +228,13 @@ def run_benchmark(config: BenchConfig, work_root: Path | None = None,
     }
 
 
+def _cell_keys(config: BenchConfig, devices: list[str]) -> list[tuple[str, str, str, int]]:
+    return [(part, device, backend, batch) for part in config.parts for device in devices
+            for backend in config.backends for batch in config.batch_sizes]
+
+
 def task_count(config: BenchConfig) -> int:
     """Number of subprocess tasks ``run_benchmark`` will start at most (for a progress bar)."""
-    per_size = 1 + len(config.devices) * len(config.backends) * len(config.batch_sizes) + int(config.train)
-    return len(config.models) * len(config.image_sizes) * per_size
+    cells = len(_cell_keys(config, config.devices))
+    profiles = len([key for key in _cell_keys(config, ["cpu"]) if key[2].startswith("openvino")]) * config.profile
+    return len(config.models) * len(config.image_sizes) * (1 + cells + profiles + int(config.train))

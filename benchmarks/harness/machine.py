@@ -1,4 +1,4 @@
-"""What machine and software a benchmark ran on: CPU model, cores, RAM, GPU, library versions, threads."""
+"""What machine and software a benchmark ran on: CPU model and ISA flags, cores, RAM, GPU, versions, threads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+ISA_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni", "avx512f")
 VERSIONED_PACKAGES = ("torch", "anomalib", "openvino", "onnxruntime", "onnx", "nncf", "timm", "FrEIA",
                       "flowad-plugins")
 
@@ -21,6 +22,33 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def isa_flags() -> dict[str, bool]:
+    """Which of the instruction sets that decide OpenVINO's CPU precision this CPU has (/proc/cpuinfo flags).
+
+    ``avx512_bf16``/``amx_bf16``: bf16 compute (OpenVINO's CPU default precision is then bf16); ``amx_int8``,
+    ``avx512_vnni``/``avx_vnni``: int8 dot products; ``avx512f``: 512-bit vectors.
+    """
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {flag: flag in flags for flag in ISA_FLAGS}
+
+
+def openvino_cpu_capabilities() -> list[str] | None:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` of the CPU plugin (e.g. FP32, BF16, INT8), or ``None``."""
+    try:
+        import openvino as ov
+
+        return [str(value) for value in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    except Exception:
+        return None
 
 
 def physical_cores() -> int | None:
@@ -69,6 +97,8 @@ def machine_info(threads: int) -> dict[str, Any]:
     """Everything needed to judge a figure: CPU, cores, RAM, GPU, OS, versions and the thread count used."""
     return {
         "cpu": cpu_model(),
+        "isa_flags": isa_flags(),
+        "openvino_cpu_capabilities": openvino_cpu_capabilities(),
         "logical_cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
         "ram_gib": total_ram_gib(),

@@ -1,61 +1,71 @@
-"""The benchmark's models: our three plugins and anomalib's Cflow/Fastflow/Csflow, built side by side.
+"""The one model registry of ``benchmarks/``: our three plugins and anomalib's Cflow/Fastflow/Csflow.
 
-Each pair uses the same backbone, layers and flow size where anomalib allows it:
+``build_model(name, init, image_size)`` builds our class ``name`` or ``anomalib.<Name>`` (``anomalib_models``) with
+any settings (``evaluate.py``). ``MODEL_SPECS`` names the benchmarked pairs, each side with the same backbone, layers
+and input size (the shipped ``configs/*_efficientnet_lite0.yaml`` settings):
 
 - ``cflow``: efficientnet_lite0 ``[blocks.2, blocks.4]``, 8 coupling blocks, condition 128, clamp 1.9.
-- ``fastflow``: resnet18 ``layer1..3``, 8 flow steps of 3×3 subnets, hidden ratio 1.0 (anomalib's Fastflow
-  accepts only resnet18, wide_resnet50_2, deit and cait).
-- ``csflow``: each at its own defaults; anomalib's Csflow always uses torchvision EfficientNet-B5
-  (``features.6.8``, subnet width 1024), ours efficientnet_lite0 ``blocks.4`` (width 112).
+- ``fastflow``: efficientnet_lite0 ``[blocks.1, blocks.2, blocks.4]`` (anomalib: timm stages 1–3, the same blocks),
+  8 flow steps, 3×3 + 1×1 subnets, hidden ratio 1.0.
+- ``csflow``: efficientnet_lite0 ``blocks.4`` (112 channels), 3 scales, 4 coupling blocks, subnet width 112, clamp 3.
 
 Weights do not change the work done, so for speed every model may be built with random weights
-(``real_weights=False``); anomalib's backbones are then built without download. With ``real_weights=True``
-(training for accuracy) the efficientnet_lite0 models get the offline ImageNet weights; models whose backbone
-has no offline weights (resnet18, EfficientNet-B5) report so in ``ModelSpec.offline_weights`` and are not
-evaluated for accuracy (random features say nothing about a detector).
+(``real_weights=False``); with ``real_weights=True`` (accuracy) efficientnet_lite0 gets the offline ImageNet weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from anomalib.models.components import AnomalibModule
 
-CFLOW_SETTINGS: dict[str, Any] = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"],
-                                  "coupling_blocks": 8, "clamp_alpha": 1.9}
-FASTFLOW_SETTINGS: dict[str, Any] = {"backbone": "resnet18", "flow_steps": 8, "conv3x3_only": True,
-                                     "hidden_ratio": 1.0}
+LITE0 = "efficientnet_lite0"
+CFLOW_OURS = {"backbone": LITE0, "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 8, "clamp_alpha": 1.9,
+              "condition_dim": 128, "permute_soft": True}
+CFLOW_ANOMALIB = {"backbone": LITE0, "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 8, "clamp_alpha": 1.9,
+                  "condition_vector": 128, "permute_soft": False}
+FASTFLOW_FLOW = {"flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0}
+CSFLOW_OURS = {"backbone": LITE0, "layer": "blocks.4", "num_scales": 3, "coupling_blocks": 4, "hidden_channels": 112,
+               "clamp_alpha": 3.0}
+CSFLOW_ANOMALIB = {"backbone": LITE0, "layer": "blocks.4", "n_coupling_blocks": 4, "cross_conv_hidden_channels": 112,
+                   "clamp": 3}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One benchmarked model: grid name, the pair it belongs to, whose it is, and how it is set up."""
+    """One benchmarked model: grid name, its pair, whose it is, the class and settings it is built with."""
 
     name: str
     family: str
     ours: bool
-    settings: str
-    offline_weights: bool
+    model: str
+    init: dict[str, Any] = field(default_factory=dict)
+    settings: str = ""
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    ModelSpec("CflowAD", "cflow", True, "efficientnet_lite0 [blocks.2, blocks.4], 8 blocks, condition 128", True),
-    ModelSpec("anomalib.Cflow", "cflow", False, "efficientnet_lite0 [blocks.2, blocks.4], 8 blocks, condition 128",
-              True),
-    ModelSpec("FastFlow", "fastflow", True, "resnet18 layer1..3, 8 steps, 3×3 subnets, hidden ratio 1.0", False),
-    ModelSpec("anomalib.Fastflow", "fastflow", False, "resnet18 layer1..3, 8 steps, 3×3 subnets, hidden ratio 1.0",
-              False),
-    ModelSpec("CSFlow", "csflow", True, "defaults: efficientnet_lite0 blocks.4 (112 ch), width 112, 4 blocks", True),
-    ModelSpec("anomalib.Csflow", "csflow", False, "defaults: torchvision EfficientNet-B5 features.6.8, width 1024",
-              False),
+    ModelSpec("CflowAD", "cflow", True, "CflowAD", CFLOW_OURS,
+              "efficientnet_lite0 [blocks.2, blocks.4], 8 blocks, condition 128"),
+    ModelSpec("anomalib.Cflow", "cflow", False, "anomalib.Cflow", CFLOW_ANOMALIB,
+              "efficientnet_lite0 [blocks.2, blocks.4], 8 blocks, condition 128"),
+    ModelSpec("FastFlow", "fastflow", True, "FastFlow",
+              {"backbone": LITE0, "layers": ["blocks.1", "blocks.2", "blocks.4"], **FASTFLOW_FLOW},
+              "efficientnet_lite0 [blocks.1, blocks.2, blocks.4], 8 steps, hidden ratio 1.0"),
+    ModelSpec("anomalib.Fastflow", "fastflow", False, "anomalib.Fastflow", {"backbone": LITE0, **FASTFLOW_FLOW},
+              "efficientnet_lite0 timm stages 1–3 (= blocks.1, .2, .4), 8 steps, hidden ratio 1.0"),
+    ModelSpec("CSFlow", "csflow", True, "CSFlow", CSFLOW_OURS,
+              "efficientnet_lite0 blocks.4 (112 ch), 3 scales, 4 blocks, width 112"),
+    ModelSpec("anomalib.Csflow", "csflow", False, "anomalib.Csflow", CSFLOW_ANOMALIB,
+              "efficientnet_lite0 blocks.4 (112 ch), 3 scales, 4 blocks, width 112"),
     # a tiny pair for the harness's own tests (not in the default grid)
-    ModelSpec("CflowAD-tiny", "cflow-tiny", True, "efficientnet_lite0 [blocks.2, blocks.4], 2 blocks, condition 16",
-              True),
-    ModelSpec("anomalib.Cflow-tiny", "cflow-tiny", False,
-              "efficientnet_lite0 [blocks.2, blocks.4], 2 blocks, condition 16", True),
+    ModelSpec("CflowAD-tiny", "cflow-tiny", True, "CflowAD",
+              {**CFLOW_OURS, "coupling_blocks": 2, "condition_dim": 16, "fiber_batch_size": 64, "permute_soft": False},
+              "efficientnet_lite0 [blocks.2, blocks.4], 2 blocks, condition 16"),
+    ModelSpec("anomalib.Cflow-tiny", "cflow-tiny", False, "anomalib.Cflow",
+              {**CFLOW_ANOMALIB, "coupling_blocks": 2, "condition_vector": 16},
+              "efficientnet_lite0 [blocks.2, blocks.4], 2 blocks, condition 16"),
 )}
 FAMILIES = ("cflow", "fastflow", "csflow", "cflow-tiny")
 DEFAULT_MODELS = ["CflowAD", "anomalib.Cflow", "FastFlow", "anomalib.Fastflow", "CSFlow", "anomalib.Csflow"]
@@ -79,124 +89,71 @@ def pair_of(family: str) -> tuple[ModelSpec, ModelSpec]:
     return ours[0], theirs[0]
 
 
-def _pre_processor(image_size: int, normalization: tuple | None = None):
-    """anomalib's resize + ImageNet normalisation, or ``normalization = (mean, std)`` instead."""
-    from anomalib.models.components import AnomalibModule
+def build_model(name: str, init: dict[str, Any] | None = None, image_size: int = 256, real_weights: bool = True,
+                keep_anomalib_post_processor: bool = False) -> AnomalibModule:
+    """Our class ``name`` or anomalib's ``anomalib.<Name>`` with ``init``, for ``image_size``² B×3×H×W inputs.
 
-    if normalization is None:
-        return AnomalibModule.configure_pre_processor((image_size, image_size))
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
-
-    mean, std = normalization
-    return PreProcessor(transform=Compose([Resize((image_size, image_size), antialias=True),
-                                           Normalize(mean=list(mean), std=list(std))]))
-
-
-def _fair_evaluation(init: dict[str, Any]) -> dict[str, Any]:
-    """anomalib's models get our evaluator (AUPRO, ``val_*``) and rank-preserving post-processor, as in evaluate.py."""
-    from flowad_plugins.models.common import FlowAnomalibModule
-    from flowad_plugins.post_processing import FlowPostProcessor
-
-    return {**init, "evaluator": FlowAnomalibModule.configure_evaluator(), "post_processor": FlowPostProcessor()}
-
-
-def _build_cflow_ad(image_size: int, real_weights: bool) -> AnomalibModule:
-    from flowad_plugins import CflowAD
-
-    return CflowAD(**CFLOW_SETTINGS, condition_dim=128, permute_soft=True, pre_trained=real_weights,
-                   pre_processor=_pre_processor(image_size))
-
-
-def _build_cflow_ad_tiny(image_size: int, real_weights: bool) -> AnomalibModule:
-    from flowad_plugins import CflowAD
-
-    return CflowAD(**{**CFLOW_SETTINGS, "coupling_blocks": 2}, condition_dim=16, fiber_batch_size=64,
-                   permute_soft=False, pre_trained=real_weights, pre_processor=_pre_processor(image_size))
-
-
-def _build_anomalib_cflow(image_size: int, real_weights: bool, coupling_blocks: int = 8,
-                          condition_vector: int = 128) -> AnomalibModule:
-    from anomalib.models import Cflow
-
-    from flowad_plugins.backbones import backbone_input_normalization, load_backbone_weights
-
-    model = Cflow(**_fair_evaluation({}), **{**CFLOW_SETTINGS, "coupling_blocks": coupling_blocks},
-                  condition_vector=condition_vector, permute_soft=False, pre_trained=False,
-                  pre_processor=_pre_processor(image_size))
-    if real_weights:  # anomalib's extractor would download: load the same offline weights ours use
-        load_backbone_weights(model.model.encoder.feature_extractor, CFLOW_SETTINGS["backbone"])
-        # and normalise its input as those weights expect (ours convert inside the extractor; anomalib's don't)
-        model.pre_processor = _pre_processor(image_size, backbone_input_normalization(CFLOW_SETTINGS["backbone"]))
-    return model
-
-
-def _build_fastflow(image_size: int, real_weights: bool) -> AnomalibModule:
-    from flowad_plugins import FastFlow
-
-    del real_weights  # resnet18 has no offline weights: always random
-    return FastFlow(**FASTFLOW_SETTINGS, layers=["layer1", "layer2", "layer3"], pre_trained=False,
-                    pre_processor=_pre_processor(image_size))
-
-
-def _build_anomalib_fastflow(image_size: int, real_weights: bool) -> AnomalibModule:
-    from anomalib.models import Fastflow
-
-    del real_weights
-    return Fastflow(**_fair_evaluation({}), **FASTFLOW_SETTINGS, pre_trained=False,
-                    pre_processor=_pre_processor(image_size))
-
-
-def _build_csflow(image_size: int, real_weights: bool) -> AnomalibModule:
-    from flowad_plugins import CSFlow
-
-    return CSFlow(pre_trained=real_weights, pre_processor=_pre_processor(image_size))
-
-
-def _build_anomalib_csflow(image_size: int, real_weights: bool) -> AnomalibModule:
-    from unittest import mock
-
-    import torchvision
-    from anomalib.models import Csflow
-    from anomalib.models.image.csflow import torch_model as anomalib_csflow
-
-    del real_weights  # anomalib's Csflow always downloads EfficientNet-B5 weights: build it with random ones
-
-    def random_b5(*_: Any, **kwargs: Any) -> torchvision.models.EfficientNet:
-        kwargs.pop("weights", None)
-        return torchvision.models.efficientnet_b5(weights=None, **kwargs)
-
-    with mock.patch.object(anomalib_csflow, "efficientnet_b5", random_b5):
-        return Csflow(**_fair_evaluation({}), pre_processor=_pre_processor(image_size))
-
-
-BUILDERS: dict[str, Callable[[int, bool], AnomalibModule]] = {
-    "CflowAD": _build_cflow_ad,
-    "anomalib.Cflow": _build_anomalib_cflow,
-    "FastFlow": _build_fastflow,
-    "anomalib.Fastflow": _build_anomalib_fastflow,
-    "CSFlow": _build_csflow,
-    "anomalib.Csflow": _build_anomalib_csflow,
-    "CflowAD-tiny": _build_cflow_ad_tiny,
-    "anomalib.Cflow-tiny": lambda size, real: _build_anomalib_cflow(size, real, coupling_blocks=2, condition_vector=16),
-}
-
-
-def build_model(name: str, image_size: int = 256, real_weights: bool = False) -> AnomalibModule:
-    """The Lightning module of benchmark model ``name`` for ``image_size``² inputs (B×3×H×W images in [0, 1]).
-
-    ``real_weights``: load offline ImageNet backbone weights where they exist (needed for accuracy, not speed).
+    ``real_weights``: offline ImageNet backbone weights (our models' ``pre_trained`` unless ``init`` sets it);
+    ``False`` builds random backbones (speed only).
     """
+    init = dict(init or {})
+    if name.startswith("anomalib."):
+        from harness.anomalib_models import build_anomalib_model
+
+        return build_anomalib_model(name.removeprefix("anomalib."), init, image_size, real_weights,
+                                    keep_anomalib_post_processor)
+    import flowad_plugins
+
+    allowed = ["CflowAD", "FastFlow", "CSFlow"]
+    if name not in allowed:
+        msg = f"Unknown model name={name!r}; allowed: {allowed} or anomalib.<Name> (Cflow, Fastflow, Csflow)."
+        raise ValueError(msg)
+    model_class = getattr(flowad_plugins, name)
+    init.setdefault("pre_trained", real_weights)
+    return model_class(**init, pre_processor=model_class.configure_pre_processor((image_size, image_size)))
+
+
+def build_benchmark_model(name: str, image_size: int = 256, real_weights: bool = False) -> AnomalibModule:
+    """The Lightning module of benchmark model ``name`` (a ``MODEL_SPECS`` key) for ``image_size``² inputs."""
     check_model_names([name])
-    return BUILDERS[name](image_size, real_weights and MODEL_SPECS[name].offline_weights)
+    spec = MODEL_SPECS[name]
+    return build_model(spec.model, spec.init, image_size, real_weights)
 
 
 def build_pair(family: str, image_size: int = 256, real_weights: bool = False) -> tuple[dict[str, str], Any, Any]:
     """(settings, ours, anomalib's) Lightning modules of one family, in eval mode."""
     ours, theirs = pair_of(family)
     settings = {"ours": f"{ours.name}: {ours.settings}", "anomalib": f"{theirs.name}: {theirs.settings}"}
-    return (settings, build_model(ours.name, image_size, real_weights).eval(),
-            build_model(theirs.name, image_size, real_weights).eval())
+    return (settings, build_benchmark_model(ours.name, image_size, real_weights).eval(),
+            build_benchmark_model(theirs.name, image_size, real_weights).eval())
+
+
+def backbone_of(model: Any) -> Any:
+    """``images B×3×H×W in [0, 1] -> backbone features``: a model's pre-processing and its frozen backbone alone.
+
+    The same work as inside the model: our CSFlow's and anomalib's Csflow's extractors run at all three scales.
+    """
+    import torch
+
+    torch_model = model.model
+    extractor = getattr(torch_model, "features", None)  # our CSFlow: the encoder at every scale
+    if extractor is None:
+        extractor = getattr(torch_model, "encoder", None) or getattr(torch_model, "feature_extractor", None)
+    if extractor is None:
+        msg = f"No backbone found in {type(torch_model).__name__} (looked for features, encoder, feature_extractor)."
+        raise ValueError(msg)
+
+    class BackboneOnly(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre_processor, self.torch_model = model.pre_processor, torch_model
+
+        def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+            features = extractor(self.pre_processor(images))
+            features = list(features.values()) if isinstance(features, dict) else features
+            return list(features) if isinstance(features, list | tuple) else [features]
+
+    return BackboneOnly().eval()
 
 
 def parameter_count(model: Any) -> int:

@@ -56,8 +56,9 @@ def compute_ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
     """
     by_key = {}
     for cell in _ok_cells(result):
-        by_key[(cell["family"], cell["backend"], cell["device"], cell["image_size"], cell["batch_size"],
-                cell["ours"])] = cell
+        if cell.get("part", "model") == "model":
+            by_key[(cell["family"], cell["backend"], cell["device"], cell["image_size"], cell["batch_size"],
+                    cell["ours"])] = cell
     families = ["cflow", "fastflow", "csflow"]
     backends = list(result.get("config", {}).get("backends", []))
 
@@ -101,7 +102,8 @@ def cell_table(result: dict[str, Any]) -> list[str]:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     errors = []
     for cell in result["cells"]:
-        head = (f"| {cell['model']} | {cell['backend']} | {cell['device']} | {cell['image_size']} | "
+        model = cell["model"] if cell.get("part", "model") == "model" else f"{cell['model']} (backbone)"
+        head = (f"| {model} | {cell['backend']} | {cell['device']} | {cell['image_size']} | "
                 f"{cell['batch_size']} |")
         if cell.get("status") != "ok":
             errors.append(cell)
@@ -259,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     batch = max(result["config"]["batch_sizes"])
-    cells = [cell for cell in _ok_cells(result) if cell["batch_size"] == batch]
+    cells = [cell for cell in _ok_cells(result) if cell["batch_size"] == batch and cell.get("part", "model") == "model"]
     metric = "pixel_AUPRO"
     accuracy = {}
     for cell in cells:

@@ -1,8 +1,8 @@
 """Likelihood → anomaly map and image score, normalised with statistics of normal training data.
 
 Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` (higher = more normal).
-``LikelihoodStatistics`` learns the mean and standard deviation of those values on normal training
-data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
+``LikelihoodStatistics`` (``flowad_plugins.statistics``) learns the mean and standard deviation of those values
+on normal training data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
 maps into one ``anomaly_map B×1×H×W``, either as standardised negative log-likelihoods averaged over
 scales or, as the CFLOW/FastFlow papers do, as a sum of likelihoods relative to the training mean
 (``aggregation``), then optionally smooths it (``blur_sigma``). The image score is the maximum of the
@@ -16,71 +16,32 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F
 
 from flowad_plugins.map_resampling import MapResampler, gaussian_matrix
 from flowad_plugins.precision import float32_region
+from flowad_plugins.statistics import LikelihoodStatistics  # re-exported: its home is statistics.py
 from flowad_plugins.tracing import is_exporting
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_log_likelihood(z: torch.Tensor, log_jac_det: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
-    """Log-likelihood per dimension under a standard normal latent.
+def gaussian_log_likelihood(
+    z: torch.Tensor, log_jac_det: torch.Tensor, channel_dim: int = 1, with_constant: bool = True
+) -> torch.Tensor:
+    """Log-likelihood per dimension under a standard normal latent: the one definition all models use.
 
     ``(log|det J| − ½‖z‖² − ½·C·log 2π) / C``: ``z`` is ``N×C`` (fibers) or ``B×C×h×w`` with ``log_jac_det``
     broadcastable to the result (``N``, or ``B×h×w``, or a scalar 0 when the head ignores it).
+    ``with_constant=False`` leaves out ``−½·log 2π`` (CS-Flow's maps, standardised anyway).
     Computed in float32 whatever the input precision.
     """
     z = z.float()
     channels = z.shape[channel_dim]
-    return (log_jac_det.float() - 0.5 * z.pow(2).sum(dim=channel_dim)) / channels - HALF_LOG_2PI
-
-
-class LikelihoodStatistics(nn.Module):
-    """Mean and standard deviation of the log-likelihood of normal data, one pair per scale.
-
-    Accumulate with ``update(scale, values)`` during a training epoch, then ``commit()`` writes the
-    buffers ``mean``/``std`` (summed across processes under DDP). ``fitted`` is 1 once committed.
-    """
-
-    def __init__(self, num_scales: int) -> None:
-        super().__init__()
-        self.num_scales = num_scales
-        self.register_buffer("mean", torch.zeros(num_scales))
-        self.register_buffer("std", torch.ones(num_scales))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-        self._sums = torch.zeros(num_scales, 3, dtype=torch.float64)  # count, Σx, Σx² (not saved)
-
-    def reset(self) -> None:
-        """Forget the values accumulated since the last ``commit``."""
-        self._sums = torch.zeros(self.num_scales, 3, dtype=torch.float64)
-
-    @torch.no_grad()
-    def update(self, scale: int, values: torch.Tensor) -> None:
-        """Add the log-likelihoods ``values`` (any shape) of normal data at ``scale``."""
-        values = values.detach().double().flatten().cpu()
-        self._sums[scale] += torch.stack([torch.tensor(values.numel(), dtype=torch.float64), values.sum(),
-                                          values.pow(2).sum()])
-
-    @torch.no_grad()
-    def commit(self) -> None:
-        """Write ``mean``/``std`` from the accumulated sums; no-op when nothing was accumulated."""
-        sums = self._sums.to(self.mean.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-        count = sums[:, 0]
-        if bool((count < 2).any()):
-            return
-        mean = sums[:, 1] / count
-        variance = (sums[:, 2] / count - mean.pow(2)).clamp_min(1e-12)
-        self.mean.copy_(mean.float())
-        self.std.copy_(variance.sqrt().float())
-        self.fitted.fill_(True)
-        self.reset()
+    per_dimension = (log_jac_det.float() - 0.5 * z.pow(2).sum(dim=channel_dim)) / channels
+    return per_dimension - HALF_LOG_2PI if with_constant else per_dimension
 
 
 class SeparableGaussianBlur(nn.Module):

@@ -1,35 +1,54 @@
-"""What the three flow models share on the Lightning side.
+"""What the three flow models share on the Lightning side, and the contract a flow model fulfils.
 
-``FlowAnomalibModule`` holds the behaviour every flow model needs beyond anomalib's base class:
-the train-statistics life cycle of the scorer (reset at epoch start, commit at epoch end, summed over
-DDP ranks), checks of the training data and input size with clear errors, the non-finite-loss guard,
-random-number states in checkpoints (a resumed run continues exactly where it stopped), and an evaluator
-that also reports AUPRO. Subclasses set ``self.model`` (with ``.encoder`` and ``.scorer``) and write
-``configure_optimizers``/``training_step``.
+A subclass of ``FlowAnomalibModule``
+
+- sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and calls ``adopt_input_size`` after it;
+- implements ``training_losses(batch)``: one ``FlowLoss`` per optimizer step on the batch, i.e. the loss and
+  the per-scale log-likelihood values of the normal training images it saw;
+- implements ``configure_optimizers`` and ``trainer_arguments``;
+- may override ``check_input_size`` (which sizes the model accepts) and ``build_for_input_size`` (rebuild the
+  parts whose shapes depend on the input size; FastFlow's layer norms).
+
+The base class owns everything else: ``training_step`` (finite-loss check before any update, normal-data
+statistics, manual optimization when a subclass turns automatic optimization off, logging), the input size
+(given as ``input_size`` or by a custom pre-processor; checked; stored in the hyper-parameters; restored with
+its shape-dependent parts from a checkpoint before its state dict loads), the normal-data statistics life cycle
+(``flowad_plugins.statistics``), checks of the training data, random-number states in checkpoints (a resumed
+run continues exactly where it stopped), the evaluator (with AUPRO) and the post-processor.
 """
 
 from __future__ import annotations
 
 import logging
-import random
-from typing import Any
+from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
+from flowad_plugins.models.training_state import (  # re-exported for the models
+    all_reduce_max,
+    collect_rng_states,
+    distributed_world_size,
+    restore_rng_states,
+)
 from flowad_plugins.post_processing import FlowPostProcessor
+from flowad_plugins.statistics import LikelihoodStatistics, NormalStatisticsLifeCycle
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["FlowAnomalibModule", "FlowLoss", "NonFiniteLossError", "all_reduce_max", "distributed_world_size"]
+
 MIN_TRAIN_IMAGES = 4
-
-
 RNG_STATES_KEY = "flowad_rng_states"
 
 
@@ -37,46 +56,97 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
-def distributed_world_size() -> int:
-    """Number of processes of the initialised default process group (1 without ``torch.distributed``)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+class FlowLoss(NamedTuple):
+    """What one optimizer step of a flow model computed.
+
+    ``loss``: the scalar to minimise. ``log_likelihoods[l]``: log-likelihoods per dimension (any shape) of the
+    normal training data at scale ``l`` that this step saw, for the scorer's statistics; ``None`` where a
+    scale saw nothing new in this step.
+    """
+
+    loss: torch.Tensor
+    log_likelihoods: Sequence[torch.Tensor | None]
 
 
-def all_reduce_max(value: int, device: torch.device) -> int:
-    """Largest ``value`` over all DDP ranks (``value`` itself in a single process)."""
-    if distributed_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+def validated_input_size(input_size: Sequence[int]) -> tuple[int, int]:
+    """``input_size`` as ``(H, W)`` ints; ``ValueError`` unless it is two positive integers."""
+    if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
+        msg = f"input_size must be two positive integers (H, W), got {input_size!r}."
+        raise ValueError(msg)
+    return int(input_size[0]), int(input_size[1])
 
 
-def collect_rng_states() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (initialised) CUDA generator states, as tensors and plain Python values
-    (so ``torch.load(..., weights_only=True)`` still loads the checkpoint)."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    states: dict[str, Any] = {"python": random.getstate(),
-                              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
-                                        float(cached_gaussian)),
-                              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
+    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module."""
 
+    # input size of the default pre-processor when neither ``input_size`` nor a pre-processor is given
+    DEFAULT_INPUT_SIZE: ClassVar[tuple[int, int]] = (256, 256)
 
-def restore_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of ``collect_rng_states`` (CUDA states only when this machine has as many GPUs)."""
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(states["torch"])
-    cuda = states.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    def __init__(
+        self,
+        input_size: Sequence[int] | None = None,
+        seed: int | None = None,
+        pre_processor: PreProcessor | bool = True,
+        **components: Any,
+    ) -> None:
+        """``input_size``: ``(H, W)`` the default pre-processor resizes to (``None``: a custom pre-processor's
+        size, else ``DEFAULT_INPUT_SIZE``). ``seed``: when set, ``seed_everything(seed)`` before the subclass
+        builds its networks, so the same ``anomalib train ... --model.seed 0`` twice gives the same model
+        (anomalib's CLI never applies ``--seed_everything``). ``components``: anomalib's post-processor,
+        evaluator and visualizer."""
+        if seed is not None:
+            seed_everything(seed, workers=True)
+        size = None if input_size is None else validated_input_size(input_size)
+        default_pre_processor = pre_processor is True
+        if default_pre_processor and size is not None:
+            pre_processor = self.configure_pre_processor(size)
+        super().__init__(pre_processor=pre_processor, **components)
+        self._default_pre_processor = default_pre_processor
 
+    # --- what a subclass provides ----------------------------------------------------------------------------
 
-class FlowAnomalibModule(AnomalibModule):
-    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images)."""
+    @abstractmethod
+    def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
+        """Yield one ``FlowLoss`` per optimizer step on ``batch`` (exactly one under automatic optimization).
+
+        With manual optimization the base class steps the optimizer after each yielded loss, so a generator
+        computes each step's loss with the weights left by the previous step.
+        """
+
+    def check_input_size(self, input_size: tuple[int, int]) -> None:
+        """Raise ``ValueError`` naming ``input_size`` when the model cannot use it (default: the encoder's check)."""
+        self.model.encoder.check_input_size(input_size)
+
+    def build_for_input_size(self, input_size: tuple[int, int]) -> None:
+        """Rebuild the parts whose shapes depend on the input size (default: none do)."""
+        del input_size
+
+    # --- input size ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """anomalib's resize + ImageNet normalisation, at ``image_size`` or ``DEFAULT_INPUT_SIZE``."""
+        return AnomalibModule.configure_pre_processor(tuple(image_size or cls.DEFAULT_INPUT_SIZE))
+
+    def adopt_input_size(self, input_size: Sequence[int] | None) -> None:
+        """Make ``input_size`` the model's: checked, the default pre-processor resized to it, its shape-dependent
+        parts built for it and the size kept in the hyper-parameters (so checkpoints rebuild it). ``None``: the
+        model takes any size it accepts (no pre-processor resize)."""
+        if input_size is None:
+            return
+        size = validated_input_size(input_size)
+        self.check_input_size(size)
+        if self._default_pre_processor and self.input_size is not None and tuple(self.input_size) != size:
+            self.pre_processor = self.configure_pre_processor(size)
+        self.build_for_input_size(size)
+        self.hparams["input_size"] = list(size)
+
+    def setup(self, stage: str) -> None:
+        """Follow a pre-processor replaced after construction (fail early, with the size named, if unusable)."""
+        super().setup(stage)
+        self.adopt_input_size(self.input_size)
+
+    # --- anomalib components ---------------------------------------------------------------------------------
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -104,37 +174,21 @@ class FlowAnomalibModule(AnomalibModule):
         """anomalib's thresholds with rank-preserving normalisation (see ``post_processing``)."""
         return FlowPostProcessor()
 
-    def _compress_ov_model(self, model: Any, compression_type: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """``CompressionType.INT8``: flow-head weights only (``export.compress_flow_weights``); else anomalib's."""
-        from anomalib.deploy import CompressionType
-
-        if compression_type == CompressionType.INT8:
-            from flowad_plugins.export import compress_flow_weights
-
-            return compress_flow_weights(self, model)
-        return super()._compress_ov_model(model, compression_type, *args, **kwargs)
-
-    def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
-        """OpenVINO INT8_PTQ of the backbone, calibrated on normal training images only (``flowad_plugins.export``)."""
-        from flowad_plugins.export import quantize_backbone_on_normal_images
-
-        logger.warning(
-            "%s: INT8_PTQ (backbone activations in INT8) lowered image/pixel AUROC on MVTec bottle by 0.01 to 0.6 "
-            "(benchmarks/results/export_parity.md); compression_type=INT8 (flow-head weights) or FP16 kept it within "
-            "0.005. Check the quantized model on your own validation images before deploying it.",
-            type(self).__name__,
-        )
-        return quantize_backbone_on_normal_images(self, model, datamodule)
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's component callbacks plus the normal-data statistics life cycle."""
+        return [*super().configure_callbacks(), NormalStatisticsLifeCycle()]
 
     @property
     def learning_type(self) -> LearningType:
         """One-class: trained on normal images only."""
         return LearningType.ONE_CLASS
 
-    def on_fit_start(self) -> None:
-        """Fail early, with the parameter named, on an input size the backbone layers cannot use."""
-        if self.input_size is not None:
-            self.model.encoder.check_input_size(tuple(self.input_size))
+    @property
+    def likelihood_statistics(self) -> LikelihoodStatistics:
+        """The scorer's normal-data statistics (buffers of ``self.model``, saved with it)."""
+        return self.model.scorer.statistics
+
+    # --- training --------------------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
         """Refuse training sets too small to fit a flow and its normal-data statistics."""
@@ -147,36 +201,38 @@ class FlowAnomalibModule(AnomalibModule):
             )
             raise ValueError(msg)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the random-number states, so a run resumed from this end-of-epoch checkpoint shuffles images
-        (and CflowAD's fibers) as the uninterrupted run would have."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[RNG_STATES_KEY] = collect_rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """When resuming a fit, restore the saved random-number states right away.
-
-        Lightning loads the checkpoint after the data set-up and creates the resumed epoch's data iterator (which
-        draws its shuffling seed) before ``on_train_epoch_start``, so this is the last point before that draw.
-        ``load_from_checkpoint`` (no trainer) leaves the global generators alone.
-        """
-        super().on_load_checkpoint(checkpoint)
-        states = checkpoint.get(RNG_STATES_KEY)
-        if states is not None and self._trainer is not None and self._trainer.state.fn == "fit":
-            restore_rng_states(states)
-
-    def on_train_epoch_start(self) -> None:
-        """Start a fresh accumulation of normal-data likelihood statistics."""
-        self.model.scorer.statistics.reset()
-
-    def on_train_epoch_end(self) -> None:
-        """Store this epoch's normal-data likelihood statistics (gathered across DDP ranks)."""
-        self.model.scorer.statistics.commit()
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Every step of ``training_losses``: finite-loss check, statistics update, and with manual optimization
+        backward + optimizer step (the LR schedulers step once per batch). Logs the mean loss as ``train_loss``."""
+        del args, kwargs
+        manual = not self.automatic_optimization
+        optimizer = self.optimizers() if manual else None
+        total, steps = torch.zeros((), device=batch.image.device), 0
+        for step in self.training_losses(batch):
+            if steps and not manual:
+                msg = f"{self.name}.training_losses yielded several losses under automatic optimization."
+                raise RuntimeError(msg)
+            self.check_finite_loss(step.loss, batch.image)
+            self.likelihood_statistics.update_all([None if v is None else v.detach() for v in step.log_likelihoods])
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(step.loss)
+                optimizer.step()
+            total, steps, last_loss = total + step.loss.detach(), steps + 1, step.loss
+        if not steps:
+            msg = f"{self.name}.training_losses yielded no loss for a batch of {len(batch.image)} images."
+            raise RuntimeError(msg)
+        schedulers = self.lr_schedulers() if manual else None
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+        mean_loss = total / steps
+        self.log("train_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
+        return {"loss": mean_loss if manual else last_loss}
 
     def check_finite_loss(self, loss: torch.Tensor, images: torch.Tensor | None = None) -> None:
         """Stop training with a clear message, naming the likely cause, when ``loss`` is NaN or infinite.
 
-        Call it before ``backward``: the weights (and every checkpoint written so far) stay as they were.
+        Called before ``backward``: the weights (and every checkpoint written so far) stay as they were.
         ``images`` (``B×3×H×W``, the batch) lets the message tell bad data from a diverging optimisation.
         """
         finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
@@ -208,3 +264,29 @@ class FlowAnomalibModule(AnomalibModule):
         """Predict scores and maps for the validation batch (used by the post-processor's thresholds)."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the random-number states, so a run resumed from this end-of-epoch checkpoint shuffles images
+        (and CflowAD's fibers) as the uninterrupted run would have."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[RNG_STATES_KEY] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild for the checkpoint's input size before its state dict loads; when resuming a fit, restore the
+        saved random-number states.
+
+        The size is the checkpoint's pre-processor size (anomalib restores the pre-processor here), else its
+        ``input_size`` hyper-parameter: a model built from other ``--model.*`` arguments (``anomalib test
+        --ckpt_path``) gets the shapes it was trained with. Lightning loads the checkpoint after the data set-up
+        and creates the resumed epoch's data iterator (which draws its shuffling seed) before
+        ``on_train_epoch_start``, so this is the last point before that draw. ``load_from_checkpoint`` (no
+        trainer) leaves the global generators alone.
+        """
+        super().on_load_checkpoint(checkpoint)
+        stored = checkpoint.get("hyper_parameters", {}).get("input_size")
+        self.adopt_input_size(self.input_size if self.input_size is not None else stored)
+        states = checkpoint.get(RNG_STATES_KEY)
+        if states is not None and self._trainer is not None and self._trainer.state.fn == "fit":
+            restore_rng_states(states)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.nn import functional as F
 
-from flowad_plugins.models.common import FlowAnomalibModule, all_reduce_max
+from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, all_reduce_max
 from flowad_plugins.schedules import warmup_cosine
 
 from .torch_model import CflowADModel
@@ -26,8 +27,9 @@ class CflowAD(FlowAnomalibModule):
     """CFLOW-AD (Gudovskiy et al., WACV 2022) with batch-independent, train-statistics scoring.
 
     Training decodes every fiber of an image batch: the fibers of each layer are shuffled and split
-    into ``fiber_batch_size`` chunks; each chunk (all layers together) is one Adam step. The LR warms
-    up linearly, then decays on a cosine over the whole run.
+    into ``fiber_batch_size`` chunks; each chunk (all layers together) is one Adam step on
+    ``−log σ(log p)`` per fiber (``log p``: log-likelihood per dimension). The LR warms up linearly, then
+    decays on a cosine over the whole run.
 
     Args:
         backbone: timm model name (any CNN with ``feature_info``).
@@ -35,17 +37,21 @@ class CflowAD(FlowAnomalibModule):
         pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
         backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         condition_dim: positional-encoding size (multiple of 4).
-        coupling_blocks: AllInOneBlocks per decoder.
+        coupling_blocks: coupling blocks per decoder.
         clamp_alpha: soft clamp of the affine coupling.
         permute_soft: random orthogonal channel mixing between blocks (paper) instead of permutations.
         fiber_batch_size: fibers per optimizer step (paper: 256).
-        max_fibers_per_image: train on at most this many random positions per image and layer (``None`` = all);
-            bounds the cost of fine layers whose neighbouring fibers are nearly redundant.
+        max_fibers_per_image: deprecated (no configuration uses it; kept so older checkpoints load). Trains on
+            at most this many random positions per image and layer; ``None`` = all.
         lr: Adam learning rate (peak of the schedule).
         warmup_fraction: share of the training steps spent on the linear warm-up.
         inference_chunk_size: fibers per vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
+            ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
+            ``--seed_everything``); ``None`` leaves the random state alone.
     """
 
     def __init__(
@@ -64,12 +70,16 @@ class CflowAD(FlowAnomalibModule):
         warmup_fraction: float = 0.05,
         inference_chunk_size: int = 65536,
         blur_sigma: float = 8.0,
+        input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
+            input_size=input_size,
+            seed=seed,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -78,6 +88,13 @@ class CflowAD(FlowAnomalibModule):
         if fiber_batch_size < 1:
             msg = f"fiber_batch_size must be ≥ 1, got {fiber_batch_size}."
             raise ValueError(msg)
+        if max_fibers_per_image is not None:
+            if max_fibers_per_image < 1:
+                msg = f"max_fibers_per_image must be ≥ 1 or None, got {max_fibers_per_image}."
+                raise ValueError(msg)
+            warnings.warn("CflowAD(max_fibers_per_image=...) is deprecated and will be removed; train on all "
+                          "fibers (lower fiber_batch_size or the input size to save time).", FutureWarning,
+                          stacklevel=2)
         self.model = CflowADModel(
             backbone=backbone,
             layers=list(layers),
@@ -90,14 +107,12 @@ class CflowAD(FlowAnomalibModule):
             inference_chunk_size=inference_chunk_size,
             blur_sigma=blur_sigma,
         )
-        if max_fibers_per_image is not None and max_fibers_per_image < 1:
-            msg = f"max_fibers_per_image must be ≥ 1 or None, got {max_fibers_per_image}."
-            raise ValueError(msg)
+        self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size
         self.max_fibers_per_image = max_fibers_per_image
         self.lr = lr
         self.warmup_fraction = warmup_fraction
-        self.automatic_optimization = False
+        self.automatic_optimization = False  # several Adam steps per batch (``training_losses``)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """Adam on the decoders; warm-up + cosine stepped once per training batch."""
@@ -105,10 +120,8 @@ class CflowAD(FlowAnomalibModule):
         scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, self.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Fit the decoders on all fibers of the batch, ``fiber_batch_size`` fibers per Adam step."""
-        del args, kwargs
-        optimizer = self.optimizers()
+    def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
+        """One loss per chunk of ``fiber_batch_size`` fibers of every layer (each fiber of the batch once)."""
         features = self.model.encoder(batch.image)
         sizes = [tuple(feature_map.shape[-2:]) for feature_map in features]
         fibers = [self.model.fibers(feature_map, self.max_fibers_per_image) for feature_map in features]
@@ -118,10 +131,9 @@ class CflowAD(FlowAnomalibModule):
         orders = [
             torch.randperm(layer_fibers.shape[0], device=layer_fibers.device).chunk(steps) for layer_fibers, _ in fibers
         ]
-        total_loss = torch.zeros((), device=batch.image.device)
         for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=batch.image.device)
+            log_likelihoods: list[torch.Tensor | None] = []
             for layer, ((layer_fibers, positions), order) in enumerate(zip(fibers, orders, strict=True)):
                 # torch.chunk returns fewer chunks than steps for a layer with few fibers: such a layer revisits
                 # its chunks, so every decoder takes part in every step (DDP expects every parameter's gradient)
@@ -130,16 +142,8 @@ class CflowAD(FlowAnomalibModule):
                     layer, layer_fibers[index], positions[index], sizes[layer]
                 )
                 loss = loss + (-F.logsigmoid(log_likelihood)).mean()
-                if step < len(order):  # statistics count each fiber once
-                    self.model.scorer.statistics.update(layer, log_likelihood)
-            self.check_finite_loss(loss, batch.image)
-            self.manual_backward(loss)
-            optimizer.step()
-            total_loss += loss.detach()
-        self.lr_schedulers().step()
-        mean_loss = total_loss / steps
-        self.log("train_loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
-        return {"loss": mean_loss}
+                log_likelihoods.append(log_likelihood if step < len(order) else None)  # each fiber counted once
+            yield FlowLoss(loss, log_likelihoods)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT, OptimizerLRSchedulerConfig
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
-from flowad_plugins.models.common import FlowAnomalibModule, distributed_world_size
+from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, distributed_world_size
 from flowad_plugins.schedules import warmup_cosine
+from flowad_plugins.scoring import gaussian_log_likelihood
 
 from .torch_model import CSFlowModel
 
@@ -24,7 +26,8 @@ from .torch_model import CSFlowModel
 class CSFlow(FlowAnomalibModule):
     """CS-Flow (Rudolph et al., WACV 2022) with batch-independent, train-statistics scoring.
 
-    Loss (paper): ``mean_b (½‖z_b‖² − log|det J_b|) / D`` over all scales, ``D`` = latent size per image.
+    Loss: negative log-likelihood per latent dimension, ``mean_b (½‖z_b‖² − log|det J_b|) / D + ½·log 2π`` over
+    all scales, ``D`` = latent size per image (the paper's loss up to the constant).
     Adam with weight decay; Lightning clips the gradient norm to ``gradient_clip_norm`` (set here, not in
     ``trainer:``, because anomalib lets a model's ``trainer_arguments`` override the trainer's). Optional
     linear warm-up + cosine decay of the LR (``lr_schedule="cosine"``), stepped per batch.
@@ -47,22 +50,20 @@ class CSFlow(FlowAnomalibModule):
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (warm-up, then cosine decay).
         warmup_fraction: share of the steps spent on warm-up with ``lr_schedule="cosine"``.
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
-        map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all. The image score always
-            uses all scales.
+        map_scales: deprecated (no configuration uses it; kept so older checkpoints load). Scales (0 = finest)
+            whose maps form the anomaly map; ``None`` = all. The image score always uses all scales.
+        input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
+            ``DEFAULT_INPUT_SIZE`` (640×640). Height and width must be multiples of the backbone stride × 4.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
+            ``--seed_everything``); ``None`` leaves the random state alone.
     """
 
     LR_SCHEDULES = ("constant", "cosine")
-    # Default input size: CS-Flow maps come from one stride-16 layer, so 256 px gives a 16×16 finest map. On bottle
-    # validation (held-out normal images + synthetic anomalies), pixel AUROC / AUPRO / image AUROC: 256 px 0.829 /
-    # 0.561 / 0.964, 512 px 0.848 / 0.580 / 1.000, 640 px 0.850 / 0.604 / 1.000
-    # (benchmarks/results/bottle/csflow*.json); 640 px trains 8 epochs in ~6 min on 2 CPU cores. The paper uses 768 px.
-    DEFAULT_IMAGE_SIZE = (640, 640)
-
-    @staticmethod
-    def configure_pre_processor(image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """anomalib's resize + ImageNet normalisation, at ``DEFAULT_IMAGE_SIZE`` (640×640) unless given."""
-        return FlowAnomalibModule.configure_pre_processor(image_size or CSFlow.DEFAULT_IMAGE_SIZE)
+    # CS-Flow maps come from one stride-16 layer, so 256 px gives only a 16×16 finest map; 640 px was chosen on
+    # bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json). The paper uses 768 px.
+    DEFAULT_INPUT_SIZE = (640, 640)
+    DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE  # former name
 
     def __init__(
         self,
@@ -83,12 +84,16 @@ class CSFlow(FlowAnomalibModule):
         warmup_fraction: float = 0.05,
         blur_sigma: float = 4.0,
         map_scales: Sequence[int] | None = None,
+        input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
+            input_size=input_size,
+            seed=seed,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -101,6 +106,9 @@ class CSFlow(FlowAnomalibModule):
             if not value >= 0 or (name == "lr" and value == 0):
                 msg = f"{name} must be {'positive' if name == 'lr' else '≥ 0'}, got {value}."
                 raise ValueError(msg)
+        if map_scales is not None:
+            warnings.warn("CSFlow(map_scales=...) is deprecated and will be removed; the anomaly map combines all "
+                          "scales.", FutureWarning, stacklevel=2)
         self.model = CSFlowModel(
             backbone=backbone,
             layer=layer,
@@ -115,18 +123,16 @@ class CSFlow(FlowAnomalibModule):
             blur_sigma=blur_sigma,
             map_scales=map_scales,
         )
-        if self.input_size is not None:
-            self.model.check_input_size(self.input_size)
+        self.adopt_input_size(self.input_size)
         self.lr = lr
         self.weight_decay = weight_decay
         self.gradient_clip_norm = gradient_clip_norm
         self.lr_schedule = lr_schedule
         self.warmup_fraction = warmup_fraction
 
-    def on_fit_start(self) -> None:
-        """Fail early, with the parameter named, on an input size the backbone and 3 scales cannot use."""
-        if self.input_size is not None:
-            self.model.check_input_size(tuple(self.input_size))
+    def check_input_size(self, input_size: tuple[int, int]) -> None:
+        """Raise ``ValueError`` unless the backbone layer and every scale can use ``input_size``."""
+        self.model.check_input_size(input_size)
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         """Under DDP, initialise the data-dependent input norm from the first batch of *all* ranks.
@@ -163,18 +169,13 @@ class CSFlow(FlowAnomalibModule):
         scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, self.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Negative log-likelihood per latent dimension; accumulate per-scale normal-data statistics."""
-        del args, kwargs
+    def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
+        """Negative log-likelihood per latent dimension of each image (all scales together)."""
         latents, log_jac_det = self.model(batch.image)
-        squared = sum(z.float().pow(2).flatten(1).sum(dim=1) for z in latents)
-        dimensions = sum(z[0].numel() for z in latents)
-        loss = ((0.5 * squared - log_jac_det.float()) / dimensions).mean()
-        self.check_finite_loss(loss, batch.image)
-        for scale, log_likelihood in enumerate(self.model.log_likelihood_maps(latents)):
-            self.model.scorer.statistics.update(scale, log_likelihood.detach())
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
-        return {"loss": loss}
+        all_latents = torch.cat([z.flatten(1) for z in latents], dim=1)  # B×D
+        # the paper's loss omits the constant ½·log 2π of the log-likelihood; it changes no gradient
+        loss = -gaussian_log_likelihood(all_latents, log_jac_det).mean()
+        yield FlowLoss(loss, self.model.log_likelihood_maps(latents))
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

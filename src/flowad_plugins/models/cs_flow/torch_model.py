@@ -15,7 +15,7 @@ from flowad_plugins.flows import CrossScaleFlow
 from flowad_plugins.inference_passes import in_image_passes
 from flowad_plugins.input_guard import flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
-from flowad_plugins.scoring import AnomalyScorer
+from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
 
 
@@ -70,7 +70,8 @@ class CSFlowModel(nn.Module):
         if int(num_scales) != num_scales or num_scales < 2:
             msg = f"num_scales must be an integer ≥ 2 (paper: 3), got {num_scales}."
             raise ValueError(msg)
-        self.encoder = FeatureExtractor(backbone, [layer], pre_trained=pre_trained, backbone_weights=backbone_weights)
+        self.encoder = FeatureExtractor(backbone, [layer], pre_trained=pre_trained, backbone_weights=backbone_weights,
+                                        layers_parameter="layer")
         self.num_scales = int(num_scales)
         self.flow = CrossScaleFlow(
             channels=self.encoder.channels[0],
@@ -114,8 +115,10 @@ class CSFlowModel(nn.Module):
 
     @staticmethod
     def log_likelihood_maps(latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-scale maps ``B×h_l×w_l`` of ``−‖z‖²/(2C)`` (higher = more normal)."""
-        return [-0.5 * z.float().pow(2).mean(dim=1) for z in latents]
+        """Per-scale maps ``B×h_l×w_l`` of ``−‖z‖²/(2C)`` (higher = more normal): the log-likelihood per dimension
+        without its constant and without a log-det (CS-Flow's is per image only)."""
+        no_log_det = torch.zeros(())
+        return [gaussian_log_likelihood(z, no_log_det.to(z.device), with_constant=False) for z in latents]
 
     @in_image_passes
     @flags_non_finite_frames

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,8 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from flowad_plugins.models.common import FlowAnomalibModule
+from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss
 from flowad_plugins.scoring import gaussian_log_likelihood
 
 from .torch_model import FastFlowModel
@@ -31,18 +30,21 @@ class FastFlow(FlowAnomalibModule):
         layers: backbone layers, shallow to deep; ``None`` = first three stages (CNN) or the paper's block (ViT).
         pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
         backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
-        flow_steps: AllInOneBlocks per scale (paper: 8 for CNNs, 20 for transformers).
+        flow_steps: coupling blocks per scale (paper: 8 for CNNs, 20 for transformers).
         conv3x3_only: 3×3 subnets only (paper's ResNet18 setting) instead of alternating 3×3/1×1.
         hidden_ratio: subnet hidden channels / input channels (paper: 1.0 CNNs, 0.16 transformers).
         clamp: soft clamp of the affine coupling (paper: 2.0).
         map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
-            default: better localisation on validation data (benchmarks/fastflow_log_det.py).
+            default: better localisation on validation data (benchmarks/experiments/fastflow_log_det.py).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
-        input_size: ``(H, W)`` the model is built for; ``None`` = the pre-processor's size, or the backbone's
-            fixed size (ViTs) with the default pre-processor, else 256×256.
+        input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
+            ``None`` = a custom pre-processor's size, else the backbone's fixed size (ViTs), else 256×256.
+            A checkpoint restores it, whatever the arguments the model was rebuilt with.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
+            ``--seed_everything``); ``None`` leaves the random state alone.
     """
 
     def __init__(
@@ -64,8 +66,11 @@ class FastFlow(FlowAnomalibModule):
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__(
+            input_size=input_size,
+            seed=seed,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -77,8 +82,7 @@ class FastFlow(FlowAnomalibModule):
         if weight_decay < 0:
             msg = f"weight_decay must be ≥ 0, got {weight_decay}."
             raise ValueError(msg)
-        custom_pre_processor = isinstance(pre_processor, PreProcessor)
-        if input_size is None and custom_pre_processor:
+        if input_size is None and isinstance(pre_processor, PreProcessor):
             input_size = self.input_size
         self.model = FastFlowModel(
             input_size=input_size,
@@ -93,37 +97,31 @@ class FastFlow(FlowAnomalibModule):
             map_log_det=map_log_det,
             blur_sigma=blur_sigma,
         )
-        if pre_processor is True and self.input_size != self.model.input_size:
-            self.pre_processor = self.configure_pre_processor(self.model.input_size)
-        # Checkpoints rebuild the model at the size it was trained for.
-        self.hparams["input_size"] = list(self.model.input_size)
+        self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)
         self.lr = lr
         self.weight_decay = weight_decay
 
-    def setup(self, stage: str) -> None:
-        """Follow a pre-processor replaced after construction (untrained heads are rebuilt for its size)."""
-        super().setup(stage)
-        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
-            self.model.set_input_size(tuple(self.input_size))
+    def build_for_input_size(self, input_size: tuple[int, int]) -> None:
+        """Rebuild the (untrained) layer norms and flows for the feature shapes at ``input_size``."""
+        self.model.set_input_size(input_size)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on the normalisation layers and flows (the encoder is frozen)."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+    def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
         """Negative log-likelihood per dimension, averaged over positions, summed over scales."""
-        del args, kwargs
         loss = torch.zeros((), device=batch.image.device)
-        for scale, (z, log_det) in enumerate(self.model(batch.image)):
-            log_likelihood = gaussian_log_likelihood(z, log_det)
+        log_likelihoods = []
+        for z, log_det in self.model(batch.image):
+            log_likelihood = gaussian_log_likelihood(z, log_det)  # the objective always has the log-det
             loss = loss - log_likelihood.mean()
+            # the statistics follow the anomaly map's definition (``map_log_det``)
             map_values = log_likelihood if self.model.map_log_det else self.model.log_likelihood_map(z, log_det)
-            self.model.scorer.statistics.update(scale, map_values.detach())
-        self.check_finite_loss(loss, batch.image)
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
-        return {"loss": loss}
+            log_likelihoods.append(map_values)
+        yield FlowLoss(loss, log_likelihoods)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Reading checkpoint and weight files with ``weights_only=True`` and errors that say what is wrong with the file.
+
+``torch.load`` on an empty file raises a bare ``EOFError``, on a text file ``UnpicklingError: invalid load key``,
+and Lightning on a plain state dict ``KeyError: 'pytorch-lightning_version'``. ``read_checkpoint`` names the
+parameter and the file and says what it found instead.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "pytorch-lightning_version")
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint or weights file is missing, empty, not written by ``torch.save``, or not what was expected."""
+
+
+def read_checkpoint(
+    path: str | Path,
+    parameter: str = "checkpoint_path",
+    required_keys: Sequence[str] = (),
+    safe_globals: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on CPU (memory-mapped when the file allows it), as a dict.
+
+    Args:
+        path: the file.
+        parameter: name of the argument that gave ``path``, used in error messages.
+        required_keys: top-level keys the file must hold (e.g. ``LIGHTNING_CHECKPOINT_KEYS``).
+        safe_globals: extra types allowed by ``weights_only`` unpickling (anomalib's enums in checkpoints).
+
+    Raises:
+        CheckpointFileError: missing, a folder, empty, not a torch file, holding non-tensor objects, not a dict,
+            or without ``required_keys``.
+    """
+    path = Path(path).expanduser()
+    where = f"{parameter}={str(path)!r}"
+    if not path.exists():
+        msg = f"{where} does not exist."
+        raise CheckpointFileError(msg)
+    if not path.is_file():
+        msg = f"{where} is not a file (a folder?); pass the checkpoint file itself (…/model.ckpt)."
+        raise CheckpointFileError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{where} is empty (0 bytes): the save or copy that wrote it was interrupted; use another checkpoint."
+        raise CheckpointFileError(msg)
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        unsupported = re.search(r"Unsupported global: GLOBAL \S+", str(error))
+        if unsupported is None:  # not a pickle at all
+            msg = f"{where} could not be read as a torch checkpoint: it is not a file written by torch.save."
+        else:
+            msg = (f"{where} holds Python objects besides tensors and plain data, which weights_only loading refuses "
+                   f"({unsupported.group(0)}). Re-save it as a state dict (torch.save(model.state_dict(), path)).")
+        raise CheckpointFileError(msg) from error
+    except Exception as error:  # EOFError, KeyError (legacy format), RuntimeError (bad zip), …
+        msg = (f"{where} could not be read as a torch checkpoint ({type(error).__name__}: {str(error)[:200]}); "
+               "the file is truncated or not written by torch.save.")
+        raise CheckpointFileError(msg) from error
+    if not isinstance(loaded, dict):
+        msg = f"{where} holds a {type(loaded).__name__}, not a dict of tensors or a checkpoint."
+        raise CheckpointFileError(msg)
+    missing = [key for key in required_keys if key not in loaded]
+    if missing:
+        found = sorted(str(key) for key in loaded)[:6]
+        msg = (f"{where} is a torch file but not a Lightning checkpoint: it lacks {missing} (top-level keys: "
+               f"{found}{'…' if len(loaded) > 6 else ''}). Pass a .ckpt written by anomalib training.")
+        raise CheckpointFileError(msg)
+    return loaded
+
+
+def check_lightning_checkpoint(path: Any, parameter: str = "checkpoint_path") -> None:
+    """Raise ``CheckpointFileError`` unless ``path`` is a readable Lightning checkpoint (file-like objects pass)."""
+    if not isinstance(path, str | Path):
+        return
+    from anomalib.utils.serialization import ANOMALIB_SAFE_GLOBALS, NUMPY_SAFE_GLOBALS
+
+    read_checkpoint(path, parameter, LIGHTNING_CHECKPOINT_KEYS, [*ANOMALIB_SAFE_GLOBALS, *NUMPY_SAFE_GLOBALS])

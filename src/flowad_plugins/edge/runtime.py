@@ -1,0 +1,154 @@
+"""Run an exported flow model (OpenVINO IR) with openvino and numpy only: no torch, no anomalib.
+
+The IR (``Engine.export(model, ExportType.OPENVINO, ...)``) holds anomalib's whole inference pipeline: one input
+``input B×3×H×W`` (RGB in [0, 1]; H×W static when exported with ``input_size``), the pre-processor's resize and
+ImageNet normalisation, the model, and the post-processor's normalisation and thresholds. Its outputs are
+``pred_score`` (B, 0.5 = the image threshold), ``pred_label`` (B), ``anomaly_map`` (B×1×h×w, normalised) and
+``pred_mask`` (B×1×h×w). ``EdgeModel`` feeds it and reads these back; a frame whose score or map is not finite
+is reported anomalous, with a reason, whatever the threshold says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowad_plugins.edge.thresholds import Threshold, choose_threshold, read_metadata
+
+PRECISIONS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}}
+OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+
+__all__ = ["PRECISIONS", "EdgeModel", "Prediction", "classify"]
+
+
+def classify(score: float, anomaly_map: np.ndarray, threshold: float) -> tuple[bool, str]:
+    """(anomalous, reason): ``score > threshold``; a non-finite score or map pixel is anomalous, with a reason."""
+    if not np.isfinite(score):
+        return True, f"score is {score} (not finite): reported anomalous"
+    bad_pixels = int(np.count_nonzero(~np.isfinite(anomaly_map)))
+    if bad_pixels:
+        return True, f"anomaly map has {bad_pixels} non-finite pixels: reported anomalous"
+    return bool(score > threshold), ""
+
+
+@dataclass
+class Prediction:
+    """One image's result: normalised ``score``, ``label`` (anomalous), ``anomaly_map`` / ``mask`` ``h×w``."""
+
+    score: float
+    label: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    reason: str = ""
+
+
+class EdgeModel:
+    """An exported model compiled with OpenVINO.
+
+    Args:
+        path: the IR's ``model.xml`` (``model.bin`` next to it) or an ``.onnx`` file.
+        device: OpenVINO device, e.g. ``"CPU"``.
+        precision: ``"f32"`` (float32 on CPU, as the torch model computes) or ``"default"`` (the plugin's choice,
+            bf16 on CPUs with AMX/AVX512-BF16).
+        threshold: image threshold on the normalised score; default: the model's (``choose_threshold``).
+        num_threads: CPU inference threads (``None``: OpenVINO's default).
+    """
+
+    def __init__(self, path: str | Path, device: str = "CPU", precision: str = "f32",
+                 threshold: Threshold | None = None, num_threads: int | None = None) -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        if self.path.suffix.lower() not in (".xml", ".onnx") or not self.path.is_file():
+            msg = f"model must be an existing OpenVINO .xml (with its .bin) or .onnx file; got {str(self.path)!r}."
+            raise ValueError(msg)
+        if precision not in PRECISIONS:
+            msg = f"precision={precision!r} is not supported; allowed values: {sorted(PRECISIONS)}."
+            raise ValueError(msg)
+        config = dict(PRECISIONS[precision])
+        if num_threads is not None:
+            if isinstance(num_threads, bool) or int(num_threads) != num_threads or num_threads < 1:
+                msg = f"num_threads must be a positive integer or None; got {num_threads!r}."
+                raise ValueError(msg)
+            config["INFERENCE_NUM_THREADS"] = str(int(num_threads))
+        core = ov.Core()
+        model = core.read_model(str(self.path))
+        missing = [name for name in OUTPUT_NAMES if not any(name in out.get_names() for out in model.outputs)]
+        if len(model.inputs) != 1 or missing:
+            msg = (f"{self.path.name} is not an anomalib export: expected one image input and outputs "
+                   f"{list(OUTPUT_NAMES)}; missing {missing}, inputs {len(model.inputs)}.")
+            raise ValueError(msg)
+        self.metadata = read_metadata(model)
+        self.threshold = threshold or choose_threshold(self.metadata)
+        shape = model.input(0).partial_shape
+        self.input_size: tuple[int, int] | None = None
+        if shape.rank.is_static and shape[2].is_static and shape[3].is_static:
+            self.input_size = (int(shape[2].get_length()), int(shape[3].get_length()))
+        self.static_batch: int | None = int(shape[0].get_length()) if shape[0].is_static else None
+        self._compiled = core.compile_model(model, device, config)
+        self._request = self._compiled.create_infer_request()
+
+    def predict(self, images: np.ndarray | Sequence[np.ndarray]) -> list[Prediction]:
+        """Predictions for ``images``: one ``H×W×3`` array, a batch ``B×H×W×3``, or a list of same-size ``H×W×3``.
+
+        Values in [0, 1] (float) or uint8. H×W must equal ``input_size`` when the IR has a static one
+        (``images.resize_image``); otherwise the in-graph pre-processor resizes.
+        """
+        batch = np.stack(list(images)) if isinstance(images, list | tuple) else np.asarray(images)
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            msg = f"images must be H×W×3 or B×H×W×3 RGB arrays; got shape {batch.shape}."
+            raise ValueError(msg)
+        if self.input_size is not None and tuple(batch.shape[1:3]) != self.input_size:
+            msg = f"images are {batch.shape[1]}×{batch.shape[2]} but the model takes {self.input_size[0]}×" \
+                  f"{self.input_size[1]}; resize them first (flowad_plugins.edge.images.resize_image)."
+            raise ValueError(msg)
+        scale = 255.0 if batch.dtype == np.uint8 else 1.0
+        tensor = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / scale
+        count = len(tensor)
+        if self.static_batch is not None and count != self.static_batch:
+            return self._predict_in_static_batches(tensor)
+        return self._split(self._infer(tensor), count)
+
+    def _predict_in_static_batches(self, tensor: np.ndarray) -> list[Prediction]:
+        """Run ``tensor`` ``B×3×H×W`` in chunks of the IR's static batch size, padding the last chunk."""
+        size = self.static_batch or 1
+        results: list[Prediction] = []
+        for start in range(0, len(tensor), size):
+            chunk = tensor[start : start + size]
+            used = len(chunk)
+            if used < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - used, axis=0)])
+            results.extend(self._split(self._infer(chunk), used))
+        return results
+
+    def _infer(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self._request.infer({0: tensor})
+        named: dict[str, np.ndarray] = {}
+        for port, value in outputs.items():
+            for name in port.get_names():
+                named[name] = np.asarray(value)
+        return named
+
+    def _split(self, outputs: dict[str, np.ndarray], count: int) -> list[Prediction]:
+        """Per-image ``Prediction`` from the four output arrays (first ``count`` rows)."""
+        scores = outputs["pred_score"].reshape(-1).astype(np.float64)
+        maps = outputs["anomaly_map"].astype(np.float32)
+        masks = outputs["pred_mask"].astype(bool)
+        maps = maps.reshape(maps.shape[0], *maps.shape[-2:])
+        masks = masks.reshape(masks.shape[0], *masks.shape[-2:])
+        results = []
+        for i in range(count):
+            label, reason = classify(float(scores[i]), maps[i], self.threshold.value)
+            results.append(Prediction(float(scores[i]), label, maps[i], masks[i], reason))
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data about the model: path, input size, static batch, threshold."""
+        return {"model": str(self.path), "input_size": list(self.input_size) if self.input_size else None,
+                "static_batch": self.static_batch, "threshold": self.threshold.as_dict()}

@@ -1,0 +1,104 @@
+"""Normal-data likelihood statistics: what they hold and when they are written during training.
+
+Every flow head scores a position by its log-likelihood per dimension (``scoring.gaussian_log_likelihood``);
+``AnomalyScorer`` standardises those values with their mean and standard deviation on normal training data,
+one pair per scale, held by ``LikelihoodStatistics`` (buffers: they live in the checkpoint and the exported
+graph). Their whole life cycle during a Lightning fit is ``NormalStatisticsLifeCycle``, a callback that
+``FlowAnomalibModule`` installs:
+
+- ``on_train_epoch_start``: forget the values of the previous epoch (``reset``);
+- every optimizer step: ``FlowAnomalibModule.training_step`` adds the step's normal-data values (``update``);
+- ``on_validation_epoch_start``: write mean and std (``commit``) before validation scores anything (Lightning
+  validates *before* ``on_train_epoch_end``; thresholds must be set on this epoch's scoring);
+- ``on_train_epoch_end``: commit again, for epochs without validation (a no-op after the first commit).
+
+Under DDP ``commit`` sums the accumulated counts and sums over the ranks, so every rank writes the same values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+
+
+class LikelihoodStatistics(nn.Module):
+    """Mean and standard deviation of the log-likelihood of normal data, one pair per scale.
+
+    Accumulate with ``update(scale, values)`` during a training epoch, then ``commit()`` writes the
+    buffers ``mean``/``std`` (summed across processes under DDP). ``fitted`` is 1 once committed.
+    """
+
+    def __init__(self, num_scales: int) -> None:
+        super().__init__()
+        self.num_scales = num_scales
+        self.register_buffer("mean", torch.zeros(num_scales))
+        self.register_buffer("std", torch.ones(num_scales))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._sums = torch.zeros(num_scales, 3, dtype=torch.float64)  # count, Σx, Σx² (not saved)
+
+    def reset(self) -> None:
+        """Forget the values accumulated since the last ``commit``."""
+        self._sums = torch.zeros(self.num_scales, 3, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, scale: int, values: torch.Tensor) -> None:
+        """Add the log-likelihoods ``values`` (any shape) of normal data at ``scale``."""
+        values = values.detach().double().flatten().cpu()
+        self._sums[scale] += torch.stack([torch.tensor(values.numel(), dtype=torch.float64), values.sum(),
+                                          values.pow(2).sum()])
+
+    def update_all(self, log_likelihoods: Sequence[torch.Tensor | None]) -> None:
+        """``update`` every scale: ``log_likelihoods[l]`` holds scale ``l``'s values (``None``: none this step)."""
+        if len(log_likelihoods) != self.num_scales:
+            msg = f"Expected log-likelihoods for {self.num_scales} scales, got {len(log_likelihoods)}."
+            raise ValueError(msg)
+        for scale, values in enumerate(log_likelihoods):
+            if values is not None:
+                self.update(scale, values)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write ``mean``/``std`` from the accumulated sums; no-op when nothing was accumulated."""
+        sums = self._sums.to(self.mean.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        count = sums[:, 0]
+        if bool((count < 2).any()):
+            return
+        mean = sums[:, 1] / count
+        variance = (sums[:, 2] / count - mean.pow(2)).clamp_min(1e-12)
+        self.mean.copy_(mean.float())
+        self.std.copy_(variance.sqrt().float())
+        self.fitted.fill_(True)
+        self.reset()
+
+
+class NormalStatisticsLifeCycle(Callback):
+    """Reset at each training epoch's start, commit before validation and at the epoch's end (module docstring).
+
+    Works on ``pl_module.likelihood_statistics`` (``FlowAnomalibModule``); the per-step updates come from
+    the module's ``training_step``.
+    """
+
+    @staticmethod
+    def _statistics(pl_module: LightningModule) -> LikelihoodStatistics:
+        return pl_module.likelihood_statistics
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start a fresh accumulation of normal-data statistics."""
+        del trainer
+        self._statistics(pl_module).reset()
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write this epoch's statistics before validation scores (no-op when nothing is pending)."""
+        del trainer
+        self._statistics(pl_module).commit()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write this epoch's statistics when the epoch had no validation (gathered across DDP ranks)."""
+        del trainer
+        self._statistics(pl_module).commit()

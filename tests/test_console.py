@@ -1,0 +1,83 @@
+"""The console filters drop exactly the known library messages and keep everything else."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from flowad_plugins import console
+
+
+@pytest.fixture
+def filters_installed():
+    """Install the filters inside a warnings context, so the test leaves the global warning filters as they were."""
+    with warnings.catch_warnings():
+        console.install_console_filters(force=True)
+        yield
+
+
+def records_kept(logger_name: str, messages: list[str], caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Log ``messages`` at WARNING on ``logger_name``; return those that passed the logger's filters."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        for message in messages:
+            logging.getLogger(logger_name).warning(message)
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_lightning_tips_and_callback_notice_dropped(filters_installed, caplog: pytest.LogCaptureFixture) -> None:
+    noise = ["💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)",
+             "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)",
+             "The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
+             "callbacks passed to Trainer: Evaluator, PreProcessor"]
+    kept = ["GPU available: False, used: False", "`Trainer.fit` stopped: `max_epochs=1` reached."]
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        assert records_kept(name, noise + kept, caplog) == kept
+
+
+def test_onnx_version_converter_traceback_dropped(filters_installed, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.clear()
+    logger = logging.getLogger("onnxscript.version_converter")
+    with caplog.at_level(logging.INFO):
+        try:
+            raise RuntimeError("adapter_lookup: Assertion `false` failed: No Adapter To Version $17 for Pad")
+        except RuntimeError as error:
+            logger.warning("Failed to convert the model to the target version %d using the ONNX C API. The model "
+                           "was not modified", 14, exc_info=error)
+        logger.warning("The model version conversion is not supported by the onnxscript version converter and "
+                       "fallback is enabled. The model will be converted using the onnx C API (target version: 14).")
+        logger.warning("some other converter warning")
+        logging.getLogger("onnx_ir.passes.common.initializer_deduplication").info("Replaced initializer 'val_1'")
+        logging.getLogger("onnx_ir.passes.common.unused_removal").error("a real onnx_ir error")
+    assert [record.getMessage() for record in caplog.records] == ["some other converter warning",
+                                                                  "a real onnx_ir error"]
+
+
+def test_known_warnings_ignored_others_kept(filters_installed) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        console.install_console_filters(force=True)  # our filters go in front of "always"
+        warnings.warn("Found 157 module(s) in eval mode at the start of training. This may lead to unexpected "
+                      "behavior during training.", UserWarning, stacklevel=1)
+        warnings.warn("Trying to infer the `batch_size` from an ambiguous collection. The batch size we found is 8.",
+                      UserWarning, stacklevel=1)
+        warnings.warn("INT8_PTQ does not keep accuracy; prefer INT8 or FP16.", UserWarning, stacklevel=1)
+        warnings.warn("Found 3 images without masks", UserWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == ["INT8_PTQ does not keep accuracy; prefer INT8 or FP16.",
+                                                            "Found 3 images without masks"]
+
+
+def test_installed_on_import_without_torch_and_switchable_off() -> None:
+    """Importing the package installs the filters, imports neither torch nor anomalib; FLOWAD_VERBOSE=1 skips it."""
+    probe = ("import logging, sys, flowad_plugins; "
+             "print(bool(logging.getLogger('lightning.pytorch.utilities.rank_zero').filters), "
+             "'torch' in sys.modules, 'anomalib' in sys.modules)")
+    quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert quiet.stdout.split() == ["True", "False", "False"]
+    verbose = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120,
+                             env={"FLOWAD_VERBOSE": "1", "PATH": ""})
+    assert verbose.stdout.split()[0] == "False"

@@ -1,0 +1,217 @@
+"""Every command block of README.md runs here, on generated data, so the README cannot rot.
+
+``README_BLOCKS`` maps each ```bash / ```python block (found by a piece of its text) to the substitutions that make
+it tiny (1 epoch, small flows, small images) and to what it must produce. A block without an entry, an entry
+without a block, or a substitution whose text is no longer in its block fails ``test_every_block_is_covered``.
+Blocks run in a subprocess, in a work folder holding ``datasets/my_part`` (the README's layout, generated) and a
+link to ``configs/``. One training run writes the checkpoint that the test, predict and export blocks use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+README = REPO / "README.md"
+FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+NOT_RUN = ("bash .ci/run",)  # CI's own command: running it here would reinstall and rerun the whole suite
+TINY_CFLOW = "--model.coupling_blocks 2 --model.condition_dim 16 --model.fiber_batch_size 64"
+FAST_TRAINER = "--trainer.max_epochs 1 --trainer.enable_progress_bar false"
+FAST_FOLDER = "--data.num_workers 0 --data.train_batch_size 8 --data.eval_batch_size 8"
+CHECKPOINT = "results/CflowAD/my_part/latest/weights/lightning/model.ckpt"
+NOISE = ("No Adapter To Version", "Traceback", "Tip: For seamless", "in eval mode at the start of training",
+         "will override existing callbacks", "Trying to infer the `batch_size`")
+
+
+@dataclass(frozen=True)
+class Block:
+    """How one README block runs here: text that identifies it, substitutions, and what it must produce."""
+
+    name: str
+    match: str
+    replace: tuple[tuple[str, str], ...] = ()
+    output: tuple[str, ...] = ()  # substrings of stdout + stderr
+    files: tuple[str, ...] = ()  # glob patterns under the work folder
+    needs_checkpoint: bool = False
+
+
+README_BLOCKS = (
+    Block("install", "pip install -e '.[int8]'"),  # checked against pyproject.toml, not re-installed
+    Block("demo", ".venv/bin/flowad-demo",
+          replace=(("python3 -m venv .venv && .venv/bin/pip install -q -e . && .venv/bin/flowad-demo",
+                    "flowad-demo --models CflowAD --epochs 1 --image-size 64 --output demo"),),
+          output=("test metrics", "AUPRO"), files=("demo/CflowAD_maps.png", "demo/metrics.json")),
+    Block("train_cli", "--data.seed 0 \\\n  --default_root_dir results\n",
+          replace=(("--default_root_dir results", f"--default_root_dir results {TINY_CFLOW} {FAST_TRAINER} "
+                                                  f"{FAST_FOLDER}"),),
+          output=("pixel_AUPRO",), files=(CHECKPOINT,)),
+    Block("train_python", "from anomalib.data import Folder",
+          replace=(('layers=["blocks.2", "blocks.4"])',
+                    'layers=["blocks.2", "blocks.4"], coupling_blocks=2, condition_dim=16, fiber_batch_size=64)'),
+                   ("max_epochs=10", "max_epochs=1, enable_progress_bar=False"),
+                   ("seed=0)", "seed=0, num_workers=0, train_batch_size=8, eval_batch_size=8)")),
+          output=("pixel_AUPRO",), files=("results_python/CflowAD/my_part/latest/weights/lightning/model.ckpt",)),
+    Block("image_size", "--model.input_size",
+          replace=(("320, 320", "128, 128"),
+                   ('--data.val_split_ratio 0.2"', f'--data.val_split_ratio 0.2 {FAST_FOLDER} {FAST_TRAINER}"'),
+                   ("--model.input_size '[128, 128]'", "--model.input_size '[128, 128]' --model.flow_steps 2"),
+                   ("--default_root_dir results_320 \\", f"--default_root_dir results_320 {TINY_CFLOW} \\")),
+          files=("results_320/FastFlow/my_part/latest/weights/lightning/model.ckpt",
+                 "results_320/CflowAD/my_part/latest/weights/lightning/model.ckpt")),
+    Block("test_predict", "anomalib test --config",
+          replace=(("--config configs/cflow_ad_efficientnet_lite0.yaml",
+                    f"--config configs/cflow_ad_efficientnet_lite0.yaml {TINY_CFLOW}"),
+                   ("--data.seed 0", f"--data.seed 0 {FAST_FOLDER}"),
+                   ("--default_root_dir predictions", "--default_root_dir predictions --trainer.enable_progress_bar "
+                                                      "false")),
+          output=("pixel_AUPRO",), files=("predictions/**/*.png",), needs_checkpoint=True),
+    Block("export", "anomalib export --config",
+          replace=(("--config configs/cflow_ad_efficientnet_lite0.yaml",
+                    f"--config configs/cflow_ad_efficientnet_lite0.yaml {TINY_CFLOW}"),
+                   ("[256, 256]", "[128, 128]")),
+          files=("exported/weights/openvino/model.xml", "exported/weights/openvino/model.bin"), needs_checkpoint=True),
+    Block("thresholds_python", "post_processor=FlowPostProcessor(image_fpr=0.05, pixel_fpr=0.001)",
+          replace=(("pixel_fpr=0.001))", "pixel_fpr=0.001))\nprint('rates', model.post_processor.image_fpr)"),),
+          output=("rates 0.05",)),
+    Block("thresholds_cli", "--model.post_processor.image_fpr 0.05",
+          replace=(("image_fpr 0.05", "image_fpr 0.1"),  # 16 normal validation images here: 10 % is the finest
+                   ("from_train --data.val_split_ratio 0.2", "from_train --data.val_split_ratio 0.5"),
+                   ("--default_root_dir results_fpr", f"--default_root_dir results_fpr {TINY_CFLOW} {FAST_TRAINER} "
+                                                      f"{FAST_FOLDER}")),
+          output=("false-alarm rate 10.000% (requested)", "pixel_AUPRO")),
+)
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, text) of every ```bash and ```python block of the README."""
+    return FENCE.findall(README.read_text())
+
+
+def block_text(entry: Block) -> str:
+    """The README block ``entry`` matches, with its substitutions applied (each must apply)."""
+    matches = [text for _, text in readme_blocks() if entry.match in text]
+    assert len(matches) == 1, f"{entry.name}: {len(matches)} README blocks contain {entry.match!r}"
+    text = matches[0]
+    for old, new in entry.replace:
+        assert old in text, f"{entry.name}: {old!r} is no longer in its README block"
+        text = text.replace(old, new)
+    return text
+
+
+def test_every_block_is_covered() -> None:
+    """Each README command block has exactly one entry (or is CI's command), and each entry still applies."""
+    for language, text in readme_blocks():
+        entries = [entry.name for entry in README_BLOCKS if entry.match in text]
+        if text.strip() in NOT_RUN:
+            continue
+        assert len(entries) == 1, f"README {language} block not covered exactly once ({entries}):\n{text}"
+    for entry in README_BLOCKS:
+        block_text(entry)
+
+
+def test_install_extras_exist() -> None:
+    """Every extra the install block names is defined in pyproject.toml (installing is what CI itself does)."""
+    text = block_text(next(entry for entry in README_BLOCKS if entry.name == "install"))
+    extras = set(re.findall(r"\.\[([a-z0-9_-]+)\]", text))
+    defined = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("optional-dependencies", {})
+    assert extras and extras <= set(defined), f"README installs extras {sorted(extras)}; defined: {sorted(defined)}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``datasets/my_part`` in the README's layout (40 normal, 4 defective 64-px images + masks) and ``configs``."""
+    import shutil
+
+    from flowad_plugins.data import SyntheticSpec, generate_dataset
+
+    root = tmp_path_factory.mktemp("readme")
+    generated = generate_dataset(root / "generated", SyntheticSpec(category="surface", image_size=64, num_train=40,
+                                                                   num_test_good=1, num_test_per_defect=4))
+    part = root / "datasets" / "my_part"
+    shutil.copytree(generated / "train" / "good", part / "good")
+    shutil.copytree(generated / "test" / "scratch", part / "defect")
+    shutil.copytree(generated / "ground_truth" / "scratch", part / "mask")
+    (root / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+    return root
+
+
+def run_block(entry: Block, workdir: Path, timeout: float = 300) -> str:
+    """Run ``entry``'s block in ``workdir``; assert success, its expected output and files. Returns the output."""
+    language = next(language for language, text in readme_blocks() if entry.match in text)
+    text = block_text(entry)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-c", text] if language == "python" else ["bash", "-euo", "pipefail", "-c", text]
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{entry.name} failed:\n{text}\n{output[-4000:]}"
+    for expected in entry.output:
+        assert expected in output, f"{entry.name}: {expected!r} not printed:\n{output[-3000:]}"
+    for pattern in entry.files:
+        assert list(workdir.glob(pattern)), f"{entry.name}: nothing matches {pattern} under {workdir}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def trained(workdir: Path) -> str:
+    """The README's CLI training on the generated images (its checkpoint feeds test, predict and export)."""
+    return run_block(next(entry for entry in README_BLOCKS if entry.name == "train_cli"), workdir)
+
+
+RUN_ALONE = [entry for entry in README_BLOCKS if entry.name not in ("install", "train_cli")]
+
+
+@pytest.mark.parametrize("entry", RUN_ALONE, ids=[entry.name for entry in RUN_ALONE])
+def test_readme_block_runs(entry: Block, workdir: Path, request: pytest.FixtureRequest) -> None:
+    """The block runs as written (made tiny) and produces what the README says."""
+    if entry.needs_checkpoint:
+        request.getfixturevalue("trained")
+    output = run_block(entry, workdir)
+    noise = [message for message in NOISE if message in output]
+    assert not noise, f"{entry.name} printed known library noise {noise}"
+    if entry.name == "demo":
+        metrics = json.loads((workdir / "demo" / "metrics.json").read_text())["CflowAD"]
+        assert {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"} <= set(metrics)
+    if entry.name == "image_size":
+        for model in ("FastFlow", "CflowAD"):
+            config = (workdir / "results_320" / model / "my_part" / "latest" / "config.yaml").read_text()
+            assert re.search(r"size:\s*\n\s*- 128\s*\n\s*- 128", config), f"{model} not trained at 128 px"
+
+
+def test_readme_training_cli(trained: str) -> None:
+    """The CLI training block printed test metrics without library noise."""
+    assert not [message for message in NOISE if message in trained]
+
+
+def edge_table_rows(result_file: Path) -> list[str]:
+    """README edge-speed rows: OpenVINO ms per call (f32 hint, plugin default) ours vs anomalib, and IR sizes."""
+    result = json.loads(result_file.read_text())
+    ratios = {(r["ours"], r["backend"], r["batch_size"]): r for r in result["ratios"] if r["device"] == "cpu"}
+    rows = []
+    pairs = (("CflowAD", "anomalib.Cflow"), ("FastFlow", "anomalib.Fastflow"), ("CSFlow", "anomalib.Csflow"))
+    for ours, theirs in pairs:
+        for batch in sorted({key[2] for key in ratios if key[0] == ours and key[1] == "openvino-fp32"}):
+            f32, default = ratios[(ours, "openvino-fp32", batch)], ratios[(ours, "openvino-default", batch)]
+            sizes = [result["models"][name]["sizes"][str(f32["image_size"])]["export"]["bytes"]["openvino-fp32"] / 1e6
+                     for name in (ours, theirs)]
+            rows.append(f"| {ours} | {batch} | {f32['latency_ms'][0]:.1f} | {f32['latency_ms'][1]:.1f} | "
+                        f"{default['latency_ms'][0]:.1f} | {default['latency_ms'][1]:.1f} | "
+                        f"{sizes[0]:.1f} / {sizes[1]:.1f} |")
+    return rows
+
+
+def test_edge_table_is_copied_from_the_results_file() -> None:
+    """The README's edge-speed table equals what ``benchmarks/results/bench/cpu.json`` holds."""
+    text = README.read_text()
+    match = re.search(r"<!-- edge table: (\S+) -->\n\|[^\n]*\n\|[^\n]*\n(.*?)<!-- end edge table -->", text, re.DOTALL)
+    assert match, "edge table markers missing from README.md"
+    assert match.group(2).strip().splitlines() == edge_table_rows(REPO / match.group(1))
