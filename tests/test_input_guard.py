@@ -68,22 +68,66 @@ def test_non_finite_frames_score_inf_and_label_anomalous_in_torch(fitted_model, 
     torch.testing.assert_close(output.anomaly_map[:1], alone.anomaly_map, atol=1e-5, rtol=1e-5)
 
 
-def test_non_finite_frames_are_anomalous_in_onnx_and_openvino(fitted_model, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def exported(fitted_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The model exported once to ONNX and to an OpenVINO IR (converted as ``to_openvino`` does, tail marked)."""
+    import openvino as ov
+
+    from flowad_plugins.openvino_precision import keep_tail_in_float32
+
+    _, model = fitted_model
+    root = tmp_path_factory.mktemp("export")
+    onnx_path = Path(model.to_onnx(root, input_size=(SIZE, SIZE)))
+    xml = root / "model.xml"
+    ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=False)
+    assert keep_tail_in_float32(xml) > 0
+    return onnx_path, xml
+
+
+def test_non_finite_frames_are_anomalous_in_onnx_and_openvino(fitted_model, exported) -> None:
     import onnxruntime
     import openvino as ov
 
     _, model = fitted_model
+    onnx_path, xml = exported
     images = _broken_batch()
     with torch.no_grad():
         reference = model(images)
-    onnx_path = model.to_onnx(tmp_path, input_size=(SIZE, SIZE))
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     onnx_outputs = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()}), strict=True))
-    compiled = ov.Core().compile_model(str(onnx_path), "CPU")  # the CPU's default precision, no configuration
+    compiled = ov.Core().compile_model(xml, "CPU")  # the CPU's default precision, no configuration
     ov_results = compiled(images.numpy())
     ov_outputs = {output.get_any_name(): ov_results[output] for output in compiled.outputs}
     for outputs in (onnx_outputs, ov_outputs):
         assert np.asarray(outputs["pred_label"]).reshape(-1).tolist() == reference.pred_label.tolist()
         assert (np.asarray(outputs["pred_score"]).reshape(-1)[1:] == 1.0).all()
         assert np.asarray(outputs["pred_mask"])[1:].all()
+
+
+def test_openvino_export_is_static_marks_its_float32_tail_and_matches_torch_at_default_precision(
+    fitted_model, exported
+) -> None:
+    """A fixed-size export has static spatial shapes; its score tail is kept float32; compiled with no configuration
+    at all (bf16 on CPUs that have it) it ranks pixels as torch does."""
+    import openvino as ov
+
+    _, model = fitted_model
+    _, xml = exported
+    torch.manual_seed(1)
+    images = torch.rand(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        reference = model(images)  # the whole pipeline (pre-processing, model, post-processing), as exported
+    assert "DisablePrecisionConversion" in xml.read_text()  # the serialised form of the precise attribute
+    core = ov.Core()
+    ir = core.read_model(xml)
+    assert [str(dim) for dim in ir.input(0).get_partial_shape()][1:] == ["3", str(SIZE), str(SIZE)]
+    assert all(output.get_partial_shape()[1:].is_static for output in ir.outputs)
+    compiled = core.compile_model(ir, "CPU")
+    outputs = compiled(images.numpy())
+    by_name = {output.get_any_name(): outputs[output] for output in compiled.outputs}
+    torch_map = reference.anomaly_map.numpy().reshape(4, -1)
+    ir_map = by_name["anomaly_map"].reshape(4, -1).astype(np.float64)
+    for index in range(4):  # per-image pixel ranking: Spearman correlation
+        ranks = [np.argsort(np.argsort(values)) for values in (torch_map[index], ir_map[index])]
+        assert np.corrcoef(*ranks)[0, 1] > 0.99

@@ -23,7 +23,7 @@ CHANNEL_REDUCTIONS = ("ReduceSum", "ReduceMean")
 ELEMENTWISE_FEEDERS = ("Power", "Multiply", "Tanh", "Add", "Subtract", "Clamp", "Sigmoid", "Exp")
 
 
-def _reduces_channels(node) -> bool:  # noqa: ANN001 - openvino.Node
+def _reduces_channels(node) -> bool:
     """Whether ``node`` is a sum/mean over axis 1 only (its axes input is a constant ``[1]``)."""
     if node.get_type_name() not in CHANNEL_REDUCTIONS:
         return False
@@ -34,7 +34,7 @@ def _reduces_channels(node) -> bool:  # noqa: ANN001 - openvino.Node
     return values == [1]
 
 
-def float32_tail(model) -> list:  # noqa: ANN001 - openvino.Model
+def float32_tail(model) -> list:
     """The nodes of ``model`` that must stay float32 (see the module docstring), in graph order."""
     seeds = [node for node in model.get_ordered_ops() if _reduces_channels(node)]
     marked: dict[str, object] = {}

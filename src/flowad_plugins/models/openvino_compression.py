@@ -13,6 +13,10 @@ compression type).
   (``export.quantize_backbone_on_normal_images``); its measured effect on accuracy is in
   ``benchmarks/results/export_parity.md``.
 - ``INT8_ACQ``: anomalib's.
+
+Every IR written by ``to_openvino`` (any compression) then gets its precision-critical tail marked float32
+(``openvino_precision.keep_tail_in_float32``), so it is accurate when compiled with no configuration on CPUs whose
+default precision is bf16.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ logger = logging.getLogger(__name__)
 
 class FlowOpenVINOCompression:
     """Mixin for an ``AnomalibModule``: flow-aware ``INT8`` and ``INT8_PTQ`` compression (module docstring)."""
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
+        """anomalib's export, then the float32 tail marked in the written IR (see the module docstring)."""
+        from flowad_plugins.openvino_precision import keep_tail_in_float32
+
+        path = super().to_openvino(*args, **kwargs)
+        marked = keep_tail_in_float32(path)
+        logger.info("%s: %d nodes of the exported graph's score tail kept in float32.", type(self).__name__, marked)
+        return path
 
     def _compress_ov_model(self, model: Any, compression_type: Any = None, *args: Any, **kwargs: Any) -> Any:
         """``CompressionType.INT8``: flow-head weights only; other types: anomalib's (``INT8_PTQ`` lands below)."""
