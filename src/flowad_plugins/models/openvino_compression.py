@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 class FlowOpenVINOCompression:
     """Mixin for an ``AnomalibModule``: flow-aware ``INT8`` and ``INT8_PTQ`` compression (module docstring)."""
 
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
+        """anomalib's, after refusing ``INT8_PTQ`` without ``datamodule`` before any export work."""
+        from flowad_plugins.export import check_to_openvino_arguments
+
+        check_to_openvino_arguments(*args, **kwargs)
+        return super().to_openvino(*args, **kwargs)
+
     def _compress_ov_model(self, model: Any, compression_type: Any = None, *args: Any, **kwargs: Any) -> Any:
         """``CompressionType.INT8``: flow-head weights only; other types: anomalib's (``INT8_PTQ`` lands below)."""
         from anomalib.deploy import CompressionType
