@@ -114,7 +114,7 @@ def exported(request, fitted, synthetic_root: Path):
 
 
 def test_onnx_runtime_matches_torch_with_the_output_contract(exported) -> None:
-    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[int8]'")
+    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[bench]'")
 
     _, model, _, reference, images, onnx_path, _ = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -129,7 +129,7 @@ def test_onnx_runtime_matches_torch_with_the_output_contract(exported) -> None:
 
 
 def test_exported_graph_takes_any_batch_and_stays_batch_independent(exported) -> None:
-    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[int8]'")
+    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[bench]'")
 
     _, _, _, _, images, onnx_path, _ = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from flowad_plugins.data.predict_folder import read_image_or_reason, skipped_files_text
+from flowad_plugins.export.extras import require
 from flowad_plugins.export.openvino import openvino_config, static_input_size
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def anomaly_overlay(image: np.ndarray, anomaly_map: np.ndarray, alpha: float = 0
     ``image`` is ``H×W×3`` in [0, 1] or uint8; the map is resized to ``H×W`` and coloured with the ``jet`` map
     over [0, 1], so red marks scores above the threshold.
     """
-    from matplotlib import colormaps
+    colormaps = require("matplotlib", "anomaly_overlay (jet colours)", extra="bench").colormaps
 
     rgb = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
     height, width = rgb.shape[:2]

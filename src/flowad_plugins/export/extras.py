@@ -1,17 +1,17 @@
-"""Optional dependencies of the INT8 paths (nncf) and ONNX Runtime, imported on first use with a clear error."""
+"""Optional dependencies, imported on first use with a clear error: nncf (INT8 paths, extra ``int8``) and matplotlib
+(overlay colours, extra ``bench``)."""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-INT8_EXTRA = "pip install 'flowad-plugins[int8]'"
 
-
-def require(module_name: str, purpose: str) -> ModuleType:
-    """Import ``module_name`` (``"nncf"``, ``"onnxruntime"``), or ``ImportError`` saying how to install it."""
+def require(module_name: str, purpose: str, extra: str = "int8") -> ModuleType:
+    """Import ``module_name`` (``"nncf"``, ``"matplotlib"``), or ``ImportError`` saying how to install it."""
     try:
         return importlib.import_module(module_name)
     except ImportError as error:
-        msg = f"{purpose} needs the optional package {module_name!r}, which is not installed: {INT8_EXTRA}."
+        msg = (f"{purpose} needs the optional package {module_name!r}, which is not installed: "
+               f"pip install 'flowad-plugins[{extra}]'.")
         raise ImportError(msg) from error
