@@ -33,7 +33,8 @@ def test_lightning_tips_and_callback_notice_dropped(filters_installed, caplog: p
     noise = ["💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)",
              "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)",
              "The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
-             "callbacks passed to Trainer: Evaluator, PreProcessor"]
+             "callbacks passed to Trainer: Evaluator, PreProcessor",
+             "Loading `train_dataloader` to estimate number of stepping batches."]
     kept = ["GPU available: False, used: False", "`Trainer.fit` stopped: `max_epochs=1` reached."]
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         assert records_kept(name, noise + kept, caplog) == kept

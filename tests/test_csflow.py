@@ -1,4 +1,7 @@
-"""CSFlow: cross-scale flow invertibility and log-det, input sizes, Engine fit/test, CLI, error cases."""
+"""CSFlow specifics: cross-scale flow invertibility and log-det, input sizes, configs, ONNX, error cases.
+
+The contract every model fulfils is in ``test_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from conftest import REPO, fit_and_test, run_anomalib_train
+from conftest import REPO, TINY_CONFIGS
 
 from flowad_plugins import CSFlow
 from flowad_plugins.flows import CrossScaleFlow, soft_clamp
-from flowad_plugins.models.common import NonFiniteLossError
 from flowad_plugins.models.cs_flow import CSFlowModel
 
 # efficientnet_lite0 (offline weights) layer blocks.2 (stride 8, 40 channels): 128 px → 16, 8, 4 positions.
-TINY_CSFLOW = {"backbone": "efficientnet_lite0", "layer": "blocks.2", "coupling_blocks": 2, "hidden_channels": 16,
-               "lr": 1e-3}
+TINY_CSFLOW = {**TINY_CONFIGS["CSFlow"], "kernel_sizes": None, "lr": 1e-3}
 
 
 def _model(size: tuple[int, int] = (128, 128), **overrides) -> CSFlow:
@@ -158,7 +159,7 @@ def test_bad_arguments_are_named() -> None:
         _model(lr=0)
     with pytest.raises(ValueError, match="layer must be one backbone layer name"):
         _model(layer=["blocks.2", "blocks.4"])
-    with pytest.raises(ValueError, match="Unknown layer=.blocks.9. for backbone"):
+    with pytest.raises(ValueError, match=r"Unknown layer=.blocks.9. for backbone"):
         _model(layer="blocks.9")
     with pytest.raises(ValueError, match="num_scales must be an integer ≥ 2"):
         _model(num_scales=1)
@@ -170,72 +171,7 @@ def test_trainer_arguments_clip_the_gradient_norm() -> None:
     assert model.trainer_arguments["gradient_clip_algorithm"] == "norm"
 
 
-# --- Lightning / Engine -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
-    """A CSFlow fitted for 3 epochs on the generated data, with its engine and test metrics."""
-    from lightning.pytorch import seed_everything
-
-    seed_everything(0)  # before construction: the flows' initial weights are random too, independent of test order
-    model = _model()
-    engine, _, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("csflow"))
-    return model, engine, metrics
-
-
-def test_fit_and_test_through_engine(trained) -> None:
-    model, engine, metrics = trained
-    assert set(metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
-    assert all(0.0 <= value <= 1.0 for value in metrics.values())
-    assert bool(model.model.scorer.statistics.fitted)
-    assert engine.trainer.gradient_clip_val == 1.0
-    assert metrics["pixel_AUROC"] > 0.7
-
-
-def test_map_of_an_image_does_not_depend_on_its_batch(trained) -> None:
-    model, *_ = trained
-    model.model.eval()
-    images = torch.rand(4, 3, 128, 128)
-    together, alone = model.model(images), model.model(images[1:2])
-    assert (together.anomaly_map[1] - alone.anomaly_map[0]).abs().max().item() <= 1e-5
-    assert abs(together.pred_score[1].item() - alone.pred_score[0].item()) <= 1e-5
-
-
-def test_checkpoint_round_trip_predicts_identically(trained, tmp_path: Path) -> None:
-    model, engine, _ = trained
-    path = tmp_path / "csflow.ckpt"
-    engine.trainer.save_checkpoint(path)
-    restored = CSFlow.load_from_checkpoint(path, weights_only=True)
-    restored.eval()
-    model.eval()
-    images = torch.rand(2, 3, 128, 128)
-    expected, actual = model(images), restored(images)
-    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
-    torch.testing.assert_close(restored.model.scorer.statistics.std, model.model.scorer.statistics.std)
-
-
-def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _model()
-    flow_forward = model.model.flow.forward
-
-    def broken(inputs, rev=False):
-        latents, log_det = flow_forward(inputs, rev)
-        return latents, log_det * float("nan")
-
-    monkeypatch.setattr(model.model.flow, "forward", broken)
-    with pytest.raises(NonFiniteLossError, match="Likely causes: learning rate too high"):
-        _engine(tmp_path).fit(model=model, datamodule=tiny_datamodule)
-
-
-def test_anomalib_train_cli_runs_csflow(synthetic_root: Path, tmp_path: Path) -> None:
-    model_args = [
-        "--config", str(REPO / "configs" / "csflow_efficientnet_lite0.yaml"),  # overridden to a tiny model
-        "--model.layer", "blocks.2", "--model.coupling_blocks", "2", "--model.kernel_sizes", "[3, 5]",
-        "--model.hidden_channels", "16",
-    ]
-    run_anomalib_train(model_args, synthetic_root, tmp_path)
+# --- configs and export ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("csflow_*.yaml")))

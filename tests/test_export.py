@@ -8,6 +8,8 @@ and the ``anomalib export`` CLI.
 
 from __future__ import annotations
 
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from conftest import TINY_CFLOW, synthetic_datamodule
 from lightning.pytorch import seed_everything
 
 import flowad_plugins
+from flowad_plugins.data import PredictFolder
 from flowad_plugins.export import (
     export_model,
     normal_calibration_loader,
@@ -111,7 +114,7 @@ def exported(request, fitted, synthetic_root: Path):
 
 
 def test_onnx_runtime_matches_torch_with_the_output_contract(exported) -> None:
-    import onnxruntime as ort
+    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[bench]'")
 
     _, model, _, reference, images, onnx_path, _ = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -126,7 +129,7 @@ def test_onnx_runtime_matches_torch_with_the_output_contract(exported) -> None:
 
 
 def test_exported_graph_takes_any_batch_and_stays_batch_independent(exported) -> None:
-    import onnxruntime as ort
+    ort = pytest.importorskip("onnxruntime", reason="optional: pip install 'flowad-plugins[bench]'")
 
     _, _, _, _, images, onnx_path, _ = exported
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -219,23 +222,42 @@ def test_int8_compresses_the_flow_head_weights_and_keeps_the_backbone_float(
     assert correlation[0, 1] > 0.99
 
 
+def _folder_with_unreadable_images(source: Path, target: Path) -> list[Path]:
+    """Copy of ``source``'s images into ``target`` plus a truncated and an empty PNG; returns the readable ones."""
+    target.mkdir(parents=True)
+    readable = []
+    for path in sorted(source.iterdir()):
+        readable.append(target / path.name)
+        shutil.copy(path, readable[-1])
+    data = readable[0].read_bytes()
+    (target / "truncated.png").write_bytes(data[: len(data) // 2])
+    (target / "empty.png").write_bytes(b"")
+    return readable
+
+
 def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """FP16 IR (Engine.export) → ``predict_folder`` writes one overlay PNG per image, scores as OpenVINO's."""
+                                          monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """FP16 IR (Engine.export) → ``predict_folder`` writes one overlay PNG per readable image, scores as OpenVINO's;
+    a truncated and an empty PNG are skipped, named in a warning and in ``skipped``."""
     from PIL import Image
 
     model, engine = fitted("CflowAD")
     ir_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "fp16", input_size=(128, 128),
                             compression_type=CompressionType.FP16)
     assert static_input_size(__import__("openvino").Core().read_model(ir_path)) == (128, 128)
-    folder = next(p for p in (synthetic_root / "surface" / "test").iterdir() if p.name != "good")
+    source = next(p for p in (synthetic_root / "surface" / "test").iterdir() if p.name != "good")
+    images = _folder_with_unreadable_images(source, tmp_path / "images")
     monkeypatch.chdir(tmp_path)
-    records = predict_folder(ir_path, folder, tmp_path / "overlays")
-    images = sorted(folder.iterdir())
+    with caplog.at_level(logging.WARNING):
+        records = predict_folder(ir_path, tmp_path / "images", tmp_path / "overlays")
     assert [Path(r["path"]).name for r in records] == [p.name for p in images]
+    assert [Path(item["path"]).name for item in records.skipped] == ["empty.png", "truncated.png"]
+    assert "truncated" in records.skipped[1]["reason"]
+    assert "skipped 2 of" in caplog.text and "truncated.png" in caplog.text and "empty.png" in caplog.text
     for record in records:
         overlay = Image.open(record["overlay"])
         assert overlay.size == (128, 128) and overlay.mode == "RGB"
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(f"{p.stem}_overlay.png" for p in images)
     with torch.no_grad():
         from anomalib.data.utils import read_image
 
@@ -243,6 +265,70 @@ def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path
     # FP16 weights: scores within 1 % of the normalised range (FP32 parity is tested above at 1e-4), same labels
     assert np.allclose([r["score"] for r in records], reference.pred_score.numpy(), atol=1e-2)
     assert [r["label"] for r in records] == reference.pred_label.tolist()
+
+
+def test_predict_folder_dataset_skips_unreadable_files(synthetic_root: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    source = next(p for p in (synthetic_root / "surface" / "test").iterdir() if p.name != "good")
+    images = _folder_with_unreadable_images(source, tmp_path / "images")
+    dataset = PredictFolder(tmp_path / "images")
+    assert len(dataset) == len(images) + 2
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=dataset.collate_fn)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    paths = [Path(path).name for batch in batches for path in batch.image_path]
+    assert paths == [p.name for p in images]
+    assert batches[0].image.shape == (2, 3, 128, 128)
+    assert [Path(item["path"]).name for item in dataset.skipped] == ["empty.png", "truncated.png"]
+    assert "skipping" in caplog.text and "truncated.png" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"path='.*missing' does not exist"):
+        PredictFolder(tmp_path / "missing")
+
+
+def test_anomalib_predict_cli_with_predict_folder_skips_unreadable_files(
+    fitted, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """``anomalib predict --data flowad_plugins.data.PredictFolder``: every readable image predicted, the rest named."""
+    _, engine = fitted("CflowAD")
+    checkpoint = next(Path(engine.trainer.default_root_dir).rglob("*.ckpt"))
+    source = next(p for p in (synthetic_root / "surface" / "test").iterdir() if p.name != "good")
+    images = _folder_with_unreadable_images(source, tmp_path / "images")
+    model_args = [item for key, value in TINY_CFLOW.items()  # the checkpoint restores into a model of the same shape
+                  for item in (f"--model.{key}", f"[{', '.join(value)}]" if isinstance(value, list) else str(value))]
+    command = [str(Path(sys.executable).with_name("anomalib")), "predict", "--model", "flowad_plugins.CflowAD",
+               *model_args, "--ckpt_path", str(checkpoint), "--data", "flowad_plugins.data.PredictFolder",
+               "--data.path", str(tmp_path / "images"), "--default_root_dir", str(tmp_path / "results"),
+               "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "skipped 2 of" in output and "truncated.png" in output and "empty.png" in output, output[-4000:]
+    written = {p.name for p in (tmp_path / "results").rglob("*.png")}
+    assert {p.name for p in images} <= written, written
+
+
+def test_int8_ptq_without_data_fails_before_any_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = flowad_plugins.CflowAD(**TINY_CFLOW)
+
+    def no_export(*_args, **_kwargs):
+        msg = "INT8_PTQ without calibration data must be refused before the ONNX export"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(model, "to_onnx", no_export)
+    with pytest.raises(ValueError, match=r"compression_type='int8_ptq' needs datamodule="):
+        model.to_openvino(tmp_path, "model", (128, 128), CompressionType.INT8_PTQ)
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"needs datamodule=.*on the CLI: --data"):
+        engine.export(model, ExportType.OPENVINO, export_root=tmp_path, compression_type=CompressionType.INT8_PTQ)
+    assert not list(tmp_path.rglob("*.xml"))
+
+
+def test_int8_without_nncf_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowad_plugins.export import compress_flow_weights
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if the optional package were not installed
+    with pytest.raises(ImportError, match=r"needs the optional package 'nncf'.*pip install 'flowad-plugins\[int8\]'"):
+        compress_flow_weights(flowad_plugins.CflowAD(**TINY_CFLOW), None)
 
 
 def test_anomalib_export_cli_writes_an_ir_that_matches_the_checkpoint(

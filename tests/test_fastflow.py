@@ -1,4 +1,7 @@
-"""FastFlow: exact flow pass and per-position log-det, sizes, ViT path, Engine fit/test, CLI, errors."""
+"""FastFlow specifics: layers, sizes and their layer norms, ViT path, map log-det, errors.
+
+The contract every model fulfils is in ``test_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from conftest import REPO, fit_and_test, run_anomalib_train
+from conftest import TINY_CONFIGS
 
 from flowad_plugins import FastFlow
-from flowad_plugins.models.common import NonFiniteLossError
 from flowad_plugins.models.fastflow import FastFlowModel, default_layers
 
-TINY_FASTFLOW = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "flow_steps": 2,
-                 "input_size": (128, 128)}
+TINY_FASTFLOW = {**TINY_CONFIGS["FastFlow"], "input_size": (128, 128)}
 
 
 def _randomise(flow: torch.nn.Module) -> None:
@@ -91,65 +92,15 @@ def test_map_log_det_adds_the_per_position_log_det() -> None:
 # --- Lightning / Engine --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
-    """A FastFlow fitted for 3 epochs on the generated data, with its engine, datamodule and test metrics."""
-    from lightning.pytorch import seed_everything
-
-    seed_everything(0)  # before construction: the flows' initial weights are random too, independent of test order
-    model = FastFlow(**TINY_FASTFLOW)
-    engine, datamodule, metrics = fit_and_test(model, synthetic_root, tmp_path_factory.mktemp("fastflow"))
-    return model, engine, datamodule, metrics
-
-
-def test_fit_and_test_through_engine(trained) -> None:
-    model, _, _, metrics = trained
-    assert set(metrics) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO"}
-    assert all(0.0 <= value <= 1.0 for value in metrics.values())
-    assert bool(model.model.scorer.statistics.fitted)
-    assert metrics["pixel_AUROC"] > 0.75
-
-
-def test_map_of_an_image_does_not_depend_on_its_batch(trained) -> None:
-    model, *_ = trained
-    model.model.eval()
-    images = torch.randn(5, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    together, alone = model.model(images), model.model(images[2:3])
-    assert (together.anomaly_map[2] - alone.anomaly_map[0]).abs().max().item() <= 1e-5
-    assert abs(together.pred_score[2].item() - alone.pred_score[0].item()) <= 1e-5
-
-
-def test_checkpoint_round_trip_predicts_identically(trained, tmp_path: Path) -> None:
-    model, engine, _, _ = trained
-    path = tmp_path / "fastflow.ckpt"
-    engine.trainer.save_checkpoint(path)
-    restored = FastFlow.load_from_checkpoint(path, weights_only=True)
-    restored.eval()
-    model.eval()
-    images = torch.rand(2, 3, 128, 128)
-    expected, actual = model(images), restored(images)
-    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=1e-6, rtol=0)
-    torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=1e-6, rtol=0)
-
-
 def test_pre_processor_replaced_before_fit_rebuilds_the_heads(tiny_datamodule, tmp_path: Path) -> None:
     model = FastFlow(**TINY_FASTFLOW)
     model.pre_processor = model.configure_pre_processor((96, 128))  # as benchmarks/evaluate.py --image-size does
     _engine(tmp_path).fit(model=model, datamodule=tiny_datamodule)
     assert model.model.input_size == (96, 128)
     assert tuple(model.model.norms[0].normalized_shape) == (40, 12, 16)
+    assert model.hparams["input_size"] == [96, 128]  # what a checkpoint rebuilds
     with pytest.raises(ValueError, match="differs from the size this trained model was built for"):
         model.model.set_input_size((128, 128))
-
-
-def test_non_finite_loss_stops_training_with_a_clear_message(tiny_datamodule, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    model = FastFlow(**TINY_FASTFLOW)
-    monkeypatch.setattr(model.model, "flow_outputs",
-                        lambda images: [(torch.full((len(images), 40, 16, 16), float("nan")),
-                                         torch.zeros(len(images), 16, 16))])
-    with pytest.raises(NonFiniteLossError, match="Likely causes: learning rate too high"):
-        _engine(tmp_path).fit(model=model, datamodule=tiny_datamodule)
 
 
 # --- errors --------------------------------------------------------------------------------------------------
@@ -178,14 +129,3 @@ def test_images_of_another_size_are_refused() -> None:
     model = FastFlowModel(**TINY_FASTFLOW).eval()
     with pytest.raises(ValueError, match=r"images of size \(128, 96\) do not match input_size=\(128, 128\)"):
         model(torch.randn(1, 3, 128, 96))
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("config", [None, "configs/fastflow_efficientnet_lite0.yaml"])
-def test_anomalib_train_cli_runs_fastflow(synthetic_root: Path, tmp_path: Path, config: str | None) -> None:
-    model_args = ["--model", "flowad_plugins.FastFlow", "--model.backbone", "efficientnet_lite0",
-                  "--model.layers", "[blocks.2, blocks.4]", "--model.flow_steps", "2"]
-    config_args = ["--config", str(REPO / config), "--model.flow_steps", "2"] if config else model_args
-    run_anomalib_train(config_args, synthetic_root, tmp_path)

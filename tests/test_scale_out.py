@@ -23,13 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest helpers when run as the DDP script
 
 IMAGE_SIZE = 64
-TINY = {
-    "CflowAD": {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 2,
-                "condition_dim": 16, "fiber_batch_size": 64, "permute_soft": False},
-    "FastFlow": {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "flow_steps": 2,
-                 "input_size": (IMAGE_SIZE, IMAGE_SIZE)},
-    "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.2", "coupling_blocks": 2, "hidden_channels": 16},
-}
 # DDP runs: (run name, model, init overrides). "CflowAD" takes one Adam step per batch (comparable with one
 # process); "CflowAD_multistep" takes 4 steps per batch per rank (several backward passes per forward).
 DDP_RUNS = [("CflowAD", "CflowAD", {"fiber_batch_size": 4096}), ("FastFlow", "FastFlow", {}),
@@ -43,12 +36,10 @@ DDP_MAP_TOLERANCE = 1e-3
 
 
 def build(name: str, **overrides):
-    """Tiny model ``name`` for ``IMAGE_SIZE`` inputs."""
-    import flowad_plugins
+    """Tiny model ``name`` (``conftest.TINY_CONFIGS``) for ``IMAGE_SIZE`` inputs."""
+    from conftest import tiny_model
 
-    model_class = getattr(flowad_plugins, name)
-    extra = {"pre_processor": model_class.configure_pre_processor((IMAGE_SIZE, IMAGE_SIZE))}
-    return model_class(**{**TINY[name], **overrides}, **extra)
+    return tiny_model(name, (IMAGE_SIZE, IMAGE_SIZE), **overrides)
 
 
 def datamodule(root: Path, batch_size: int):
@@ -103,7 +94,7 @@ def _ddp_script(root: Path, out: Path) -> None:
     import torch.distributed as dist
     from lightning.pytorch import seed_everything
 
-    from flowad_plugins.scoring import LikelihoodStatistics
+    from flowad_plugins.statistics import LikelihoodStatistics
 
     rank = 0
     for run_name, name, overrides in DDP_RUNS:

@@ -25,9 +25,12 @@ def multiply_adds_per_image(module: Any, image_size: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    images = torch.rand(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        module(images)  # one call first: one-time work (e.g. CflowAD's cached condition projection) is not counted
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        module(torch.rand(1, 3, image_size, image_size))
+    with torch.no_grad(), counter:  # not inference_mode: the counter's module tracker needs autograd views
+        module(images)
     return counter.get_total_flops() // 2
 
 
@@ -43,9 +46,11 @@ def calibration_datamodule(task: dict[str, Any]) -> Any:
                        augmentations=Resize(size, antialias=True))
     from flowad_plugins.data import SyntheticAD
 
-    return SyntheticAD(root=Path(task["work_dir"]) / "calibration", category="surface",
-                       image_size=task["image_size"], num_train=40, num_test_good=2, num_test_per_defect=1,
-                       train_batch_size=8, eval_batch_size=8)
+    datamodule = SyntheticAD(root=Path(task["work_dir"]) / "calibration", category="surface",
+                             image_size=task["image_size"], num_train=40, num_test_good=2, num_test_per_defect=1,
+                             train_batch_size=8, eval_batch_size=8)
+    datamodule.prepare_data()  # writes the generated images
+    return datamodule
 
 
 def calibration_images(task: dict[str, Any], count: int = 40) -> list[Any]:

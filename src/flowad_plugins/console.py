@@ -4,8 +4,8 @@
 ``anomalib train --model flowad_plugins.CflowAD`` does), and from ``flowad-demo``. Each filter names one library
 message by a regular expression; everything else, our own warnings included, passes unchanged:
 
-- Lightning's LitLogger / litmodels tips and its note that the model's callbacks override the trainer's (anomalib
-  always passes them that way);
+- Lightning's LitLogger / litmodels tips, its note that the model's callbacks override the trainer's (anomalib
+  always passes them that way) and that it loads the training data to count the steps of an LR schedule;
 - Lightning's "Found N module(s) in eval mode" (the frozen backbone is in eval mode on purpose) and "Trying to
   infer the batch_size" (anomalib's batches are dataclasses of several tensors);
 - deprecation notices that timm, anomalib and torch's pytree raise from their own imports;
@@ -33,6 +33,7 @@ _RANK_ZERO_LOGGERS = (
 _LIGHTNING_INFO_NOISE = (
     r"Tip: For seamless cloud (logging|uploads)",
     r"callbacks returned in `LightningModule\.configure_callbacks` will override",
+    r"Loading `train_dataloader` to estimate number of stepping batches",
 )
 KNOWN_LOG_NOISE: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(_RANK_ZERO_LOGGERS, _LIGHTNING_INFO_NOISE),

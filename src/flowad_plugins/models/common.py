@@ -267,6 +267,14 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """anomalib's, after a check of the file: empty or foreign files get a clear ``CheckpointFileError``."""
+        from flowad_plugins.checkpoints import check_lightning_checkpoint
+
+        check_lightning_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the random-number states, so a run resumed from this end-of-epoch checkpoint shuffles images
         (and CflowAD's fibers) as the uninterrupted run would have."""

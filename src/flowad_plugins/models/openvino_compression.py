@@ -31,9 +31,12 @@ class FlowOpenVINOCompression:
     """Mixin for an ``AnomalibModule``: flow-aware ``INT8`` and ``INT8_PTQ`` compression (module docstring)."""
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
-        """anomalib's export, then the float32 tail marked in the written IR (see the module docstring)."""
+        """anomalib's export (after refusing ``INT8_PTQ`` without ``datamodule`` before any export work), then the
+        float32 tail marked in the written IR (see the module docstring)."""
+        from flowad_plugins.export import check_to_openvino_arguments
         from flowad_plugins.openvino_precision import keep_tail_in_float32
 
+        check_to_openvino_arguments(*args, **kwargs)
         path = super().to_openvino(*args, **kwargs)
         marked = keep_tail_in_float32(path)
         logger.info("%s: %d nodes of the exported graph's score tail kept in float32.", type(self).__name__, marked)

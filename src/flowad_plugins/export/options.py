@@ -1,0 +1,121 @@
+"""``export_model``: ``Engine.export``'s options checked up front, with errors naming the parameter and allowed values.
+
+Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8_ACQ`` (anomalib validates it on
+the test set), ``INT8_PTQ`` without ``datamodule`` (nothing to calibrate on), unknown types and sizes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from anomalib.deploy import CompressionType, ExportType
+
+if TYPE_CHECKING:
+    from anomalib.data import AnomalibDataModule
+    from anomalib.models import AnomalibModule
+
+SUPPORTED_COMPRESSIONS: tuple[CompressionType | None, ...] = (
+    None,
+    CompressionType.FP16,
+    CompressionType.INT8,
+    CompressionType.INT8_PTQ,
+)
+
+
+def check_compression(compression_type: CompressionType | str | None) -> CompressionType | None:
+    """``compression_type`` as a ``CompressionType`` (or ``None``), or a ``ValueError`` naming the allowed values."""
+    allowed = [c.value if c is not None else None for c in SUPPORTED_COMPRESSIONS]
+    if compression_type is None:
+        return None
+    try:
+        compression = CompressionType(compression_type)
+    except ValueError:
+        compression = None
+    if compression is None or compression not in SUPPORTED_COMPRESSIONS:
+        reason = (
+            " anomalib's INT8_ACQ validates the quantized model on the datamodule's test set (model selection on "
+            "test data); use INT8_PTQ, which calibrates on normal training images."
+            if compression == CompressionType.INT8_ACQ
+            else ""
+        )
+        msg = f"compression_type={compression_type!r} is not supported; allowed values: {allowed}.{reason}"
+        raise ValueError(msg)
+    return compression
+
+
+def check_calibration_data(compression_type: CompressionType | str | None, datamodule: Any) -> None:
+    """``ValueError`` for ``INT8_PTQ`` without a datamodule, before anything is exported."""
+    try:
+        compression = CompressionType(compression_type) if compression_type is not None else None
+    except ValueError:
+        return  # an unknown value: the export's own checks name it
+    if compression == CompressionType.INT8_PTQ and datamodule is None:
+        msg = (
+            "compression_type='int8_ptq' needs datamodule= (its normal training images calibrate the quantization; "
+            "on the CLI: --data ...); use 'fp16' or 'int8' (weights only) to export without data."
+        )
+        raise ValueError(msg)
+
+
+def check_to_openvino_arguments(*args: Any, **kwargs: Any) -> None:
+    """``check_calibration_data`` on the arguments of a ``to_openvino(...)`` call (anomalib's signature)."""
+    from anomalib.models.components.base.export_mixin import ExportMixin
+
+    try:
+        bound = inspect.signature(ExportMixin.to_openvino).bind(None, *args, **kwargs)
+    except TypeError:
+        return  # anomalib's own call raises the argument error
+    check_calibration_data(bound.arguments.get("compression_type"), bound.arguments.get("datamodule"))
+
+
+def export_model(
+    model: AnomalibModule,
+    export_type: ExportType | str,
+    export_root: str | Path,
+    input_size: Sequence[int] | None = None,
+    compression_type: CompressionType | str | None = None,
+    datamodule: AnomalibDataModule | None = None,
+    model_file_name: str = "model",
+    onnx_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Export a trained flow model to ONNX or OpenVINO IR after checking the options; returns the file path.
+
+    Same result as ``Engine().export(model, export_type, export_root, input_size=..., compression_type=...,
+    datamodule=...)`` (INT8_PTQ calibrates on ``datamodule``'s normal training images), with clear errors for
+    combinations anomalib would ignore or run dishonestly. Files: ``export_root/weights/{onnx,openvino}/``.
+    """
+    allowed_types = [ExportType.ONNX.value, ExportType.OPENVINO.value]
+    try:
+        export_type = ExportType(export_type)
+    except ValueError:
+        export_type = None
+    if export_type not in {ExportType.ONNX, ExportType.OPENVINO}:
+        msg = f"export_type must be one of {allowed_types} for edge export, got {export_type!r}."
+        raise ValueError(msg)
+    compression = check_compression(compression_type)
+    if compression is not None and export_type == ExportType.ONNX:
+        msg = (
+            f"compression_type={compression.value!r} applies to OpenVINO export only (anomalib ignores it for ONNX); "
+            "use export_type='openvino' or compression_type=None."
+        )
+        raise ValueError(msg)
+    check_calibration_data(compression, datamodule)
+    if input_size is not None:
+        if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
+            msg = f"input_size must be two positive integers (H, W) or None (any size), got {input_size!r}."
+            raise ValueError(msg)
+        input_size = (int(input_size[0]), int(input_size[1]))
+    model.eval()
+    if export_type == ExportType.ONNX:
+        return model.to_onnx(export_root, model_file_name, input_size, **(onnx_kwargs or {}))
+    return model.to_openvino(
+        export_root,
+        model_file_name,
+        input_size,
+        compression_type=compression,
+        datamodule=datamodule,
+        onnx_kwargs=onnx_kwargs,
+    )
