@@ -73,7 +73,7 @@ def exported(fitted_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     """The model exported once to ONNX and to an OpenVINO IR (converted as ``to_openvino`` does, tail marked)."""
     import openvino as ov
 
-    from flowad_plugins.openvino_precision import keep_tail_in_float32
+    from flowad_plugins.export.precision import keep_tail_in_float32
 
     _, model = fitted_model
     root = tmp_path_factory.mktemp("export")

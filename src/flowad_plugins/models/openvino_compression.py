@@ -15,7 +15,7 @@ compression type).
 - ``INT8_ACQ``: anomalib's.
 
 Every IR written by ``to_openvino`` (any compression) then gets its precision-critical tail marked float32
-(``openvino_precision.keep_tail_in_float32``), so it is accurate when compiled with no configuration on CPUs whose
+(``export.precision.keep_tail_in_float32``), so it is accurate when compiled with no configuration on CPUs whose
 default precision is bf16.
 """
 
@@ -34,7 +34,7 @@ class FlowOpenVINOCompression:
         """anomalib's export (after refusing ``INT8_PTQ`` without ``datamodule`` before any export work), then the
         float32 tail marked in the written IR (see the module docstring)."""
         from flowad_plugins.export import check_to_openvino_arguments
-        from flowad_plugins.openvino_precision import keep_tail_in_float32
+        from flowad_plugins.export.precision import keep_tail_in_float32
 
         check_to_openvino_arguments(*args, **kwargs)
         path = super().to_openvino(*args, **kwargs)
