@@ -239,3 +239,18 @@ def test_position_table_pass_broadcasts_whole_maps(maps: int) -> None:
     torch.testing.assert_close(log_det_maps.reshape(-1), log_det_reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="whole maps of 6 positions"):
         fiber_flow_forward(flow, x[:-1], table)
+
+
+def test_traced_flow_uses_the_dense_mixing_and_gives_the_same_result() -> None:
+    """While a graph is captured, a hard permutation is one product with the global affine folded in (no gather)."""
+    flow = conv_flow((6, 4, 4), 3, 2.0, [3, 1], permute_soft=False).eval()
+    _randomise(flow)
+    flow.requires_grad_(False)
+    x = torch.randn(2, 6, 4, 4)
+    with torch.no_grad():
+        eager_z, eager_log_det = flow(x)
+        traced = torch.jit.trace(lambda v: flow(v), (x,), check_trace=False)
+        traced_z, traced_log_det = traced(x)
+    assert "index_select" not in str(traced.graph)
+    torch.testing.assert_close(traced_z, eager_z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traced_log_det, eager_log_det, atol=1e-5, rtol=1e-5)

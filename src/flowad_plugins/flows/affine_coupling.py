@@ -159,12 +159,19 @@ class AffineCouplingBlock(nn.Module):
         return x1 if condition is None else torch.cat((x1, condition), dim=1)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """``P·(g ⊙ x + o)`` along axis 1 (a channel gather for a hard permutation)."""
+        """``P·(g ⊙ x + o)`` along axis 1.
+
+        Eager, hard permutation: a channel gather and one fused multiply-add. Otherwise (a rotation, or any
+        exported graph) one product with the global affine folded in, ``(P·diag g)·x + P·o``: in OpenVINO a 1×1
+        convolution / GEMM keeps the blocked layout, where a gather forces layout reorders around it.
+        """
         scale = self.global_scale_factor()
-        if self.hard_permutation:
+        if self.hard_permutation and not is_exporting():
             order = self.channel_order
             return torch.addcmul(self.global_offset[:, order], x.index_select(1, order), scale[:, order])
-        return self._channel_product(torch.addcmul(self.global_offset, x, scale), self.w_perm)
+        matrix = self.w_perm.reshape(self.channels, self.channels)
+        bias = torch.matmul(matrix, self.global_offset.reshape(-1))
+        return self._channel_product(x, matrix * scale.reshape(1, -1), bias)
 
     def unmix(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse of ``mix``."""
