@@ -23,8 +23,6 @@ TABLE = REPO / "docs" / "bad_inputs.md"
 WRITE_TABLE = os.environ.get("FLOWAD_WRITE_BAD_INPUTS") == "1"
 # cases that do not meet their rule yet: name -> who is fixing what
 KNOWN_FAILING: dict[str, str] = {
-    **{name: "checkpoint loading does not yet go through flowad_plugins.checkpoints (models/common.py)"
-       for name in ("other_models_checkpoint", "wrong_model_size_for_checkpoint")},
     "pixel_range_0_255": "far out-of-range input scores as normal: no input-range guard yet",
     "four_channel_tensor": "no channel-count check before the pre-processor (models/common.py)",
     "corrupt_png_in_folder": "anomalib's PredictDataset reads lazily; the error does not name the file",

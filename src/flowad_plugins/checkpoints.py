@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 LIGHTNING_CHECKPOINT_KEYS = ("state_dict", "pytorch-lightning_version")
+MODEL_CLASS_KEY = "flowad_model_class"  # the flow model class that wrote a checkpoint
 
 
 class CheckpointFileError(ValueError):
@@ -79,10 +80,54 @@ def read_checkpoint(
     return loaded
 
 
-def check_lightning_checkpoint(path: Any, parameter: str = "checkpoint_path") -> None:
-    """Raise ``CheckpointFileError`` unless ``path`` is a readable Lightning checkpoint (file-like objects pass)."""
+def check_lightning_checkpoint(path: Any, parameter: str = "checkpoint_path", model_class: str | None = None) -> None:
+    """Raise ``CheckpointFileError`` unless ``path`` is a readable Lightning checkpoint (file-like objects pass),
+    written by ``model_class`` when given and the checkpoint records its class."""
     if not isinstance(path, str | Path):
         return
     from anomalib.utils.serialization import ANOMALIB_SAFE_GLOBALS, NUMPY_SAFE_GLOBALS
 
-    read_checkpoint(path, parameter, LIGHTNING_CHECKPOINT_KEYS, [*ANOMALIB_SAFE_GLOBALS, *NUMPY_SAFE_GLOBALS])
+    checkpoint = read_checkpoint(path, parameter, LIGHTNING_CHECKPOINT_KEYS,
+                                 [*ANOMALIB_SAFE_GLOBALS, *NUMPY_SAFE_GLOBALS])
+    written_by = checkpoint.get(MODEL_CLASS_KEY) if isinstance(checkpoint, dict) else None
+    if model_class is not None and written_by is not None and written_by != model_class:
+        msg = (f"{parameter}={str(path)!r} was written by {written_by}, not {model_class}: load it with "
+               f"{written_by}.load_from_checkpoint (CLI: --model flowad_plugins.{written_by}).")
+        raise CheckpointFileError(msg)
+
+
+# hyper-parameters that are objects (or carry no shape): not compared
+_UNCOMPARED = {"pre_processor", "post_processor", "evaluator", "visualizer", "seed"}
+
+
+def check_checkpoint_matches(module: torch.nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Raise ``CheckpointFileError`` naming the cause when ``checkpoint``'s weights cannot load into ``module``.
+
+    A checkpoint of another model class names that class; one of the same class trained with other shape-setting
+    arguments names the arguments and both values. Differences that leave every weight shape alone pass.
+    """
+    stored = checkpoint.get("state_dict", {})
+    expected = module.state_dict()
+    mismatched = sorted(key for key in set(stored) | set(expected)
+                        if key not in stored or key not in expected
+                        or tuple(stored[key].shape) != tuple(expected[key].shape))
+    if not mismatched:
+        return
+    ours = type(module).__name__
+    theirs = checkpoint.get(MODEL_CLASS_KEY)
+    if theirs is not None and theirs != ours:
+        msg = (f"This checkpoint was written by {theirs}, not {ours}: load it with {theirs}.load_from_checkpoint "
+               f"(CLI: --model flowad_plugins.{theirs}).")
+        raise CheckpointFileError(msg)
+    stored_hparams = checkpoint.get("hyper_parameters", {})
+    current = dict(getattr(module, "hparams", {}))
+    differences = [f"{name}={stored_hparams[name]!r} in the checkpoint, {current[name]!r} here"
+                   for name in sorted(set(stored_hparams) & set(current) - _UNCOMPARED)
+                   if stored_hparams[name] != current[name]]
+    if set(stored_hparams) and not set(stored_hparams) & set(current) - _UNCOMPARED:
+        differences = ["its hyper-parameters belong to another model class"]
+    hint = "; ".join(differences) if differences else "no hyper-parameter explains it"
+    msg = (f"The checkpoint's weights do not fit this {ours} ({len(mismatched)} tensors differ, e.g. "
+           f"{mismatched[0]}): {hint}. Build the model with the arguments it was trained with, or leave the "
+           "shape-setting --model.* arguments out.")
+    raise CheckpointFileError(msg)

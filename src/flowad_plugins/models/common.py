@@ -34,6 +34,7 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from flowad_plugins.checkpoints import MODEL_CLASS_KEY, check_checkpoint_matches
 from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
 from flowad_plugins.models.training_state import (  # re-exported for the models
     all_reduce_max,
@@ -272,7 +273,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         """anomalib's, after a check of the file: empty or foreign files get a clear ``CheckpointFileError``."""
         from flowad_plugins.checkpoints import check_lightning_checkpoint
 
-        check_lightning_checkpoint(checkpoint_path)
+        check_lightning_checkpoint(checkpoint_path, model_class=cls.__name__)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,6 +281,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         (and CflowAD's fibers) as the uninterrupted run would have."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[RNG_STATES_KEY] = collect_rng_states()
+        checkpoint[MODEL_CLASS_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild for the checkpoint's input size before its state dict loads; when resuming a fit, restore the
@@ -295,6 +297,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("hyper_parameters", {}).get("input_size")
         self.adopt_input_size(self.input_size if self.input_size is not None else stored)
+        check_checkpoint_matches(self, checkpoint)  # a clear error instead of Lightning's size-mismatch list
         states = checkpoint.get(RNG_STATES_KEY)
         if states is not None and self._trainer is not None and self._trainer.state.fn == "fit":
             restore_rng_states(states)
