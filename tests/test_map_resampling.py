@@ -14,7 +14,7 @@ from flowad_plugins.scoring import SeparableGaussianBlur
 def test_bilinear_matrix_equals_interpolate(source: int, target: int) -> None:
     values = torch.randn(3, source, dtype=torch.float64)
     expected = F.interpolate(values.unsqueeze(0), size=target, mode="linear", align_corners=False)[0]
-    torch.testing.assert_close(values @ bilinear_matrix(source, target).T, expected)
+    torch.testing.assert_close(values @ torch.as_tensor(bilinear_matrix(source, target)).T, expected)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 2.0, 4.0])

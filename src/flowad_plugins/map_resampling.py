@@ -10,8 +10,8 @@ Interpolate and a reference-implementation Pad). Sums over scales stay linear: `
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torch.nn import functional as F
 
 from flowad_plugins.tracing import is_exporting
 
@@ -19,29 +19,41 @@ from flowad_plugins.tracing import is_exporting
 MAX_MATRIX_SIZE = 2048
 
 
-def bilinear_matrix(source: int, target: int) -> torch.Tensor:
-    """``target×source`` float64 matrix of 1-D linear interpolation (``align_corners=False``, as ``F.interpolate``)."""
-    identity = torch.eye(source, dtype=torch.float64).unsqueeze(0)  # 1×source channels×source samples
-    return F.interpolate(identity, size=target, mode="linear", align_corners=False)[0].T
+def bilinear_matrix(source: int, target: int) -> np.ndarray:
+    """``target×source`` float64 matrix of 1-D linear interpolation with ``align_corners=False`` (as
+    ``F.interpolate``: source coordinate ``(i + ½)·source/target − ½``, clamped at 0, neighbours clamped at the end).
+
+    Built with NumPy, so a traced or exported graph sees a constant, not the ops that made it.
+    """
+    source, target = int(source), int(target)
+    positions = np.maximum((np.arange(target) + 0.5) * (source / target) - 0.5, 0.0)
+    lower = np.floor(positions).astype(np.int64)
+    upper = np.minimum(lower + 1, source - 1)
+    fraction = positions - lower
+    matrix = np.zeros((target, source))
+    rows = np.arange(target)
+    np.add.at(matrix, (rows, lower), 1.0 - fraction)
+    np.add.at(matrix, (rows, upper), fraction)
+    return matrix
 
 
-def gaussian_kernel(sigma: float, size: int) -> torch.Tensor:
+def gaussian_kernel(sigma: float, size: int) -> np.ndarray:
     """1-D Gaussian of radius ``⌊4σ + 0.5⌋`` truncated to ``size − 1`` taps per side, normalised (float64)."""
     radius = min(int(4 * sigma + 0.5), size - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 
 
-def gaussian_matrix(sigma: float, size: int) -> torch.Tensor:
+def gaussian_matrix(sigma: float, size: int) -> np.ndarray:
     """``size×size`` float64 matrix of the reflect-padded 1-D Gaussian (row ``i`` = weights of output ``i``)."""
     kernel = gaussian_kernel(sigma, size)
-    pad = (kernel.numel() - 1) // 2
-    columns = (torch.arange(size).unsqueeze(1) + torch.arange(-pad, pad + 1).unsqueeze(0)).abs()  # reflect at 0
-    columns = torch.where(columns > size - 1, 2 * (size - 1) - columns, columns)  # reflect at size − 1
-    rows = torch.arange(size).unsqueeze(1).expand_as(columns)
-    matrix = torch.zeros(size, size, dtype=torch.float64)
-    matrix.index_put_((rows, columns), kernel.expand(size, -1).clone(), accumulate=True)
+    pad = (kernel.size - 1) // 2
+    columns = np.abs(np.arange(size)[:, None] + np.arange(-pad, pad + 1)[None, :])  # reflect at 0
+    columns = np.where(columns > size - 1, 2 * (size - 1) - columns, columns)  # reflect at size − 1
+    rows = np.broadcast_to(np.arange(size)[:, None], columns.shape)
+    matrix = np.zeros((size, size))
+    np.add.at(matrix, (rows, columns), np.broadcast_to(kernel, columns.shape))
     return matrix
 
 
@@ -62,6 +74,8 @@ class MapResampler:
 
     def _matrices(self, map_size: tuple[int, int], output_size: tuple[int, int], sigma: float,
                   like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        map_size = (int(map_size[0]), int(map_size[1]))
+        output_size = (int(output_size[0]), int(output_size[1]))
         key = (map_size, output_size, sigma, str(like.device), like.dtype)
         cached = None if is_exporting() else self._cache.get(key)
         if cached is None:
@@ -70,7 +84,7 @@ class MapResampler:
                 matrix = bilinear_matrix(source, target)
                 if sigma > 0:
                     matrix = gaussian_matrix(sigma, target) @ matrix
-                pair.append(matrix.to(device=like.device, dtype=like.dtype))
+                pair.append(torch.as_tensor(matrix, dtype=like.dtype, device=like.device))
             cached = (pair[0], pair[1])
             if not is_exporting():
                 self._cache[key] = cached

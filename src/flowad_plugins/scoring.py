@@ -76,7 +76,7 @@ class SeparableGaussianBlur(nn.Module):
         key = (size, str(device), dtype)
         matrix = self._matrices.get(key)
         if matrix is None:
-            matrix = gaussian_matrix(self.sigma, size).to(device=device, dtype=dtype)
+            matrix = torch.as_tensor(gaussian_matrix(self.sigma, size), dtype=dtype, device=device)
             self._matrices[key] = matrix
         return matrix
 
