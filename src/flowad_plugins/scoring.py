@@ -181,15 +181,21 @@ class AnomalyScorer(nn.Module):
         combined = torch.stack(upsampled, dim=0).sum(dim=0) * (1.0 / len(chosen) if mean else 1.0)
         return self.blur(combined) if smooth else combined
 
+    @property
+    def _map_is_unsmoothed(self) -> bool:
+        """The map equals the score's unsmoothed combination (no blur, every scale): computed once."""
+        return self.blur_sigma == 0 and self.map_scales is None
+
     def _score(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         stats = self.statistics
         size = (int(output_size[0]), int(output_size[1]))
         maps = [(stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
                 for scale, log_likelihood in enumerate(log_likelihoods)]
         # the score from the unsmoothed map: blur must not dilute small defects
-        pred_score = self._resampled(maps, size, smooth=False, mean=True).flatten(1).amax(dim=1)
-        anomaly_map = self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        unsmoothed = self._resampled(maps, size, smooth=False, mean=True)
+        anomaly_map = (unsmoothed if self._map_is_unsmoothed else
+                       self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True))
+        return InferenceBatch(pred_score=unsmoothed.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
 
     def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``−log Σ_l up(exp(log p_l − μ_l))``, smoothed in the probability domain (see the class docstring)."""
@@ -197,6 +203,7 @@ class AnomalyScorer(nn.Module):
         size = (int(output_size[0]), int(output_size[1]))
         relative = [(log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD).exp()
                     for scale, log_likelihood in enumerate(log_likelihoods)]
-        pred_score = -self._resampled(relative, size, smooth=False).flatten(1).amin(dim=1).log()
-        anomaly_map = -self._resampled(relative, size, smooth=True, scales=self.map_scales).log()
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        unsmoothed = self._resampled(relative, size, smooth=False)
+        probability = unsmoothed if self._map_is_unsmoothed else self._resampled(relative, size, smooth=True,
+                                                                                 scales=self.map_scales)
+        return InferenceBatch(pred_score=-unsmoothed.flatten(1).amin(dim=1).log(), anomaly_map=-probability.log())

@@ -73,7 +73,9 @@ def backbone_only_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_conv
     present = {op.get_friendly_name().split("/")[0] for op in ov_model.get_ops()}
     weighted = {name for name, op_type in names.items() if op_type in {"Conv", "MatMul", "Gemm"}}
     if not weighted or not weighted <= present:
-        msg = f"{onnx_path} does not match the OpenVINO model: cannot locate the flow head to keep it in float."
+        missing = sorted(weighted - present)[:5]
+        msg = (f"{onnx_path} does not match the OpenVINO model: cannot locate the flow head to keep it in float "
+               f"({len(weighted)} head Conv/MatMul nodes, not found: {missing}).")
         raise ValueError(msg)
     return nncf.IgnoredScope(patterns=[f"^{name}(/.*)?$" for name in sorted(set(names) & present)], validate=False)
 
