@@ -124,12 +124,15 @@ def openvino_variant(model, onnx_path: Path, variant: str, datamodule: MVTecAD, 
     """
     import openvino as ov
 
+    from flowad_plugins.export.precision import keep_tail_in_float32
+
     ov_model = ov.convert_model(onnx_path)
     if variant == "int8_ptq_all":
         ov_model = quantize_on_normal_images(ov_model, datamodule)
     elif variant in {"int8", "int8_ptq"}:
         ov_model = model._compress_ov_model(ov_model, CompressionType(variant), datamodule)
     ov.save_model(ov_model, path, compress_to_fp16=variant == "fp16")
+    keep_tail_in_float32(path)  # as to_openvino does: the score tail stays float32 at the default precision
 
 
 def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:

@@ -24,7 +24,6 @@ WRITE_TABLE = os.environ.get("FLOWAD_WRITE_BAD_INPUTS") == "1"
 # cases that do not meet their rule yet: name -> who is fixing what
 KNOWN_FAILING: dict[str, str] = {
     "pixel_range_0_255": "far out-of-range input scores as normal: no input-range guard yet",
-    "four_channel_tensor": "no channel-count check before the pre-processor (models/common.py)",
     "corrupt_png_in_folder": "anomalib's PredictDataset reads lazily; the error does not name the file",
 }
 RESULTS: dict[str, tuple[str, bool]] = {}

@@ -22,7 +22,7 @@ from flowad_plugins.tracing import is_exporting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["finite_frames", "flags_non_finite_frames"]
+__all__ = ["check_channels", "finite_frames", "flags_non_finite_frames"]
 
 
 def finite_frames(images: torch.Tensor) -> torch.Tensor:
@@ -52,3 +52,11 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
         return result._replace(pred_score=torch.where(finite, result.pred_score, infinity), anomaly_map=anomaly_map)
 
     return guarded
+
+
+def check_channels(images: torch.Tensor) -> None:
+    """Raise ``ValueError`` for a ``B×C×H×W`` batch whose ``C`` is neither 3 (RGB) nor 1 (grayscale, broadcast)."""
+    if images.dim() == 4 and images.shape[1] not in (1, 3) and not is_exporting():
+        msg = (f"images must have 3 (RGB) or 1 (grayscale) channels, got {images.shape[1]} channels "
+               f"(shape {tuple(images.shape)}): convert RGBA or multi-spectral frames to RGB first.")
+        raise ValueError(msg)

@@ -16,8 +16,8 @@ Each position's channels are scaled by their own factors, so ``log|det J|`` is a
 positions is the whole Jacobian's. ``inverse`` undoes ``forward`` exactly.
 
 Fast paths, all the same function: the 0.1 damping is folded into the subnet's last layer; a hard permutation is
-a channel gather (no dense ``C×C`` product); in eager mode ``α·tanh`` is evaluated as ``α·(2σ(2a) − 1)`` (PyTorch's
-CPU ``tanh`` kernel is slower than ``sigmoid``), while exported graphs keep ``Tanh`` (one fused op in OpenVINO).
+a channel gather in eager mode (exported graphs: one product with the global affine folded in); ``α·tanh`` is
+evaluated as ``α·(2σ(2a) − 1)`` (faster on CPU, in PyTorch and, for maps, in OpenVINO; see ``clamped_log_scale``).
 Nothing holds a lambda, so a whole model pickles (``torch.save(model)``).
 """
 
@@ -41,13 +41,14 @@ COEFFICIENT_SCALE = 0.1  # damping of the subnet output (stable start: every blo
 GLOBAL_SCALE_INIT = 2.0 * math.log(math.exp(5.0) - 1.0)
 
 
-def clamped_log_scale(raw: torch.Tensor, clamp: float) -> torch.Tensor:
+def clamped_log_scale(raw: torch.Tensor, clamp: float, tanh_when_exporting: bool = False) -> torch.Tensor:
     """The coupling log-scale ``clamp·tanh(raw)`` (any shape, elementwise).
 
-    Eager: evaluated as ``clamp·(2σ(2·raw) − 1)`` (the same function to float32 rounding, faster on CPU). Exported
-    graphs keep ``Tanh``, which OpenVINO fuses with its neighbours.
+    Evaluated as ``clamp·(2σ(2·raw) − 1)``, the same function to float32 rounding: faster in eager PyTorch on CPU and,
+    in OpenVINO, faster on FastFlow's maps. ``tanh_when_exporting`` keeps ``Tanh`` in exported graphs instead, which
+    OpenVINO runs faster on CFLOW's fibers (per-op profiles: ``benchmarks/results/openvino_profile.md``).
     """
-    if is_exporting():
+    if tanh_when_exporting and is_exporting():
         return clamp * torch.tanh(raw)
     return torch.sigmoid(2.0 * raw) * (2.0 * clamp) - clamp
 

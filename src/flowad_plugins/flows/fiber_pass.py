@@ -53,7 +53,7 @@ class FiberStep:
         coefficients = _product(hidden, self.output_weight, self.output_bias, product)
         x1, x2 = torch.split(x, self.splits, dim=1)
         passive = self.splits[1]
-        log_scale = clamped_log_scale(coefficients[:, :passive], self.clamp)
+        log_scale = clamped_log_scale(coefficients[:, :passive], self.clamp, tanh_when_exporting=True)
         x2 = torch.addcmul(coefficients[:, passive:], x2, torch.exp(log_scale))
         y = _product(torch.cat((x1, x2), dim=1), self.mixing_weight, self.mixing_bias, product)
         return y, log_scale.sum(dim=1) + self.log_det_constant

@@ -35,6 +35,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from flowad_plugins.checkpoints import MODEL_CLASS_KEY, check_checkpoint_matches
+from flowad_plugins.input_guard import check_channels
 from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
 from flowad_plugins.models.training_state import (  # re-exported for the models
     all_reduce_max,
@@ -260,6 +261,11 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
             "Engine.fit(..., ckpt_path=<last checkpoint>)."
         )
         raise NonFiniteLossError(msg)
+
+    def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """anomalib's pipeline, after a clear error for a channel count it cannot take (``input_guard``)."""
+        check_channels(batch)
+        return super().forward(batch, *args, **kwargs)
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Predict scores and maps for the validation batch (used by the post-processor's thresholds)."""
