@@ -53,6 +53,7 @@ def test_chunked_inference_equals_one_pass() -> None:
 def test_eval_batches_run_in_passes_of_whole_images_with_the_same_outputs() -> None:
     model = _moved_model()
     torch_model = model.model.eval()
+    torch.manual_seed(0)
     images = torch.randn(5, 3, 128, 128)
     calls = []
     hook = torch_model.encoder.register_forward_hook(lambda _module, inputs, _output: calls.append(len(inputs[0])))
@@ -66,8 +67,10 @@ def test_eval_batches_run_in_passes_of_whole_images_with_the_same_outputs() -> N
         torch_model.inference_pass_pixels = default
         hook.remove()
     assert calls == [5, 2, 2, 1]
-    torch.testing.assert_close(in_passes.anomaly_map, one_pass.anomaly_map, atol=1e-5, rtol=0)
-    torch.testing.assert_close(in_passes.pred_score, one_pass.pred_score, atol=1e-5, rtol=0)
+    # same values up to float32 rounding (the untrained map reaches ~35, where one ulp is 4e-6; BLAS may split
+    # products differently for other batch sizes when it runs on several threads)
+    torch.testing.assert_close(in_passes.anomaly_map, one_pass.anomaly_map, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(in_passes.pred_score, one_pass.pred_score, atol=1e-5, rtol=1e-6)
     assert in_passes.pred_label is None and in_passes.pred_mask is None
     assert images_per_pass((128, 128), 2 * 128 * 128 + 5) == 2
     assert images_per_pass((640, 640), 4 * 256 * 256) == 1  # at least one image
