@@ -144,12 +144,31 @@ def path_with_spaces_and_non_ascii(workspace: Any) -> str:
     return predicted(workspace, one_image_folder(workspace, "dir with spaces", rgb(), "ünïcødé 画像.png"))
 
 
-@case("corrupt_png_in_folder", "predict folder: one good PNG and one truncated PNG", "error", ("broken.png",))
-def corrupt_png_in_folder(workspace: Any) -> str:
-    folder = one_image_folder(workspace, "corrupt", rgb(), "good.png")
+def folder_with_a_truncated_png(workspace: Any, name: str) -> Path:
+    folder = one_image_folder(workspace, name, rgb(), "good.png")
     data = (folder / "good.png").read_bytes()
     (folder / "broken.png").write_bytes(data[: len(data) // 2])
-    return predicted(workspace, folder)
+    return folder
+
+
+@case("corrupt_png_in_folder", "`anomalib predict --data DIR` (anomalib's `PredictDataset`): one good PNG and one "
+      "truncated PNG", "error", ("broken.png",))
+def corrupt_png_in_folder(workspace: Any) -> str:
+    return predicted(workspace, folder_with_a_truncated_png(workspace, "corrupt"))
+
+
+@case("corrupt_png_predict_folder", "`--data flowad_plugins.data.PredictFolder` (the README's predict): one good PNG "
+      "and one truncated PNG", "handled")
+def corrupt_png_predict_folder(workspace: Any) -> str:
+    from flowad_plugins.data import PredictFolder
+
+    dataset = PredictFolder(folder_with_a_truncated_png(workspace, "corrupt_skipped"))
+    batches = workspace.engine().predict(model=workspace.model, dataset=dataset, return_predictions=True)
+    workspace.model.eval()
+    paths = [path for batch in batches for path in batch.image_path]
+    assert [Path(path).name for path in paths] == ["good.png"], paths
+    assert [Path(item["path"]).name for item in dataset.skipped] == ["broken.png"], dataset.skipped
+    return f"predicted good.png; skipped broken.png with a warning naming it ({dataset.skipped[0]['reason']})"
 
 
 @case("empty_image_file", "predict folder holding a 0-byte `empty.png`", "error", ("empty.png",))

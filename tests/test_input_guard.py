@@ -1,4 +1,5 @@
-"""Frames with NaN or infinite pixels are never reported as normal: torch, ONNX and OpenVINO give the same outcome."""
+"""Frames with NaN or infinite pixels, or in the 0–255 range, are never reported as normal: torch, ONNX and OpenVINO
+give the same outcome."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from flowad_plugins import CflowAD, CSFlow, FastFlow
-from flowad_plugins.input_guard import finite_frames
+from flowad_plugins.input_guard import finite_frames, plausible_frames
 
 SIZE = 64
 MODELS = {
@@ -24,7 +25,8 @@ MODELS = {
 
 def _broken_batch() -> torch.Tensor:
     torch.manual_seed(0)
-    images = torch.rand(4, 3, SIZE, SIZE)
+    images = torch.rand(5, 3, SIZE, SIZE)
+    images[4] *= 255  # an 8-bit frame not divided by 255
     images[1, 0, 5, 7] = float("nan")
     images[2, 2, 0, 0] = float("inf")
     images[3, 1, 9, 9] = -float("inf")
@@ -47,8 +49,12 @@ def fitted_model(request: pytest.FixtureRequest):
     return request.param, model
 
 
-def test_finite_frames_flags_each_image() -> None:
-    assert finite_frames(_broken_batch()).tolist() == [True, False, False, False]
+def test_finite_and_plausible_frames_flag_each_image() -> None:
+    assert finite_frames(_broken_batch()).tolist() == [True, False, False, False, True]
+    normalised = (_broken_batch() - 0.45) / 0.226  # what the pre-processor hands the torch model
+    assert plausible_frames(normalised).tolist() == [True, False, False, False, False]
+    edges = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])  # black and white frames are plausible
+    assert plausible_frames((edges - 0.485) / 0.229).all()
 
 
 def test_non_finite_frames_score_inf_and_label_anomalous_in_torch(fitted_model, caplog) -> None:
@@ -62,7 +68,7 @@ def test_non_finite_frames_score_inf_and_label_anomalous_in_torch(fitted_model, 
     with torch.no_grad():
         raw = model.model(images)
     assert torch.isinf(raw.pred_score[1:]).all() and torch.isinf(raw.anomaly_map[1:]).all()
-    assert "3 of 4 images hold NaN or infinite pixel values" in caplog.text
+    assert "Of 5 images, 3 hold NaN or infinite pixel values and 1 have pixel values far outside [0, 1]" in caplog.text
     # the healthy frame is scored as if alone: nothing non-finite leaked into it
     torch.testing.assert_close(output.pred_score[:1], alone.pred_score, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(output.anomaly_map[:1], alone.anomaly_map, atol=1e-5, rtol=1e-5)

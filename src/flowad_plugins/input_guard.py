@@ -1,12 +1,15 @@
-"""A frame with non-finite pixels is never reported as normal.
+"""A broken frame is never reported as normal.
 
-A broken camera frame (a NaN or ±inf pixel, e.g. a failed read or an overflowed conversion) would otherwise flow
-through the backbone as NaN and end as a NaN score, which every threshold comparison reads as "not above": normal.
-``flags_non_finite_frames`` wraps a torch model's eval ``forward(images B×3×H×W)``: such frames are computed on
-zeros (so nothing non-finite reaches the other images or the graph's reductions) and then get ``pred_score = +inf``
-and an anomaly map of ``+inf`` everywhere, so every threshold labels them anomalous and the whole mask is set. The
+Two kinds of broken frame reach a model. A non-finite pixel (NaN or ±inf: a failed read, an overflowed conversion)
+would flow through the backbone as NaN and end as a NaN score, which every threshold comparison reads as "not
+above": normal. A frame in the wrong value range (0–255 instead of 0–1: a missing ``/ 255``) gives features far
+outside anything the flow saw, whose score means nothing. ``flags_non_finite_frames`` wraps a torch model's eval
+``forward(images B×3×H×W)``, which sees the pre-processor's output (ImageNet-normalised, where an image in [0, 1]
+lies within [-2.2, 2.7]): a frame with a non-finite pixel or one beyond ``±MAX_NORMALISED_PIXEL`` is computed on
+zeros (nothing non-finite reaches the other images or the graph's reductions) and then gets ``pred_score = +inf``
+and an anomaly map of ``+inf`` everywhere, so every threshold labels it anomalous and the whole mask is set. The
 rule is part of the forward, so the exported ONNX/OpenVINO graphs give the same outcome as torch. Eager calls also
-log a warning naming how many frames of the batch were affected.
+log a warning naming how many frames of the batch were affected, and why.
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ from flowad_plugins.tracing import is_exporting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_channels", "finite_frames", "flags_non_finite_frames"]
+__all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "finite_frames", "flags_non_finite_frames", "plausible_frames"]
+
+MAX_NORMALISED_PIXEL = 8.0
+"""Largest |value| a pre-processed pixel may take: an input pixel of about 2.2 after ImageNet normalisation, far
+beyond [0, 1] (and any resize overshoot), yet below what a 0–255 frame gives (up to about 1,100)."""
 
 
 def finite_frames(images: torch.Tensor) -> torch.Tensor:
     """``B`` booleans: whether every pixel of each image (``B×C×H×W``) is finite."""
     return torch.isfinite(images).flatten(1).all(dim=1)
+
+
+def plausible_frames(images: torch.Tensor) -> torch.Tensor:
+    """``B`` booleans: whether every pixel of each image (``B×C×H×W``) is finite and within ``±MAX_NORMALISED_PIXEL``.
+
+    ``abs(x) <= bound`` is False for NaN, so one comparison covers both rules (and stays one graph op per frame).
+    """
+    return (images.abs() <= MAX_NORMALISED_PIXEL).flatten(1).all(dim=1)
 
 
 def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], object]) -> Callable:
@@ -37,11 +52,10 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
     def guarded(module: torch.nn.Module, images: torch.Tensor) -> object:
         if module.training or images.dim() != 4:
             return forward(module, images)
-        finite = finite_frames(images)
-        if not is_exporting() and not bool(finite.all()):
-            logger.warning("%d of %d images hold NaN or infinite pixel values: scored +inf and labelled anomalous. "
-                           "Check the camera frames or the pre-processing.", int((~finite).sum()), len(finite))
-        valid = finite.view(-1, 1, 1, 1)
+        plausible = plausible_frames(images)
+        if not is_exporting() and not bool(plausible.all()):
+            _warn_broken_frames(images, plausible)
+        valid = plausible.view(-1, 1, 1, 1)
         result = forward(module, torch.where(valid, images, torch.zeros((), dtype=images.dtype)))
         if not isinstance(result, InferenceBatch):
             return result
@@ -49,9 +63,21 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
         anomaly_map = result.anomaly_map
         if anomaly_map is not None:
             anomaly_map = torch.where(valid, anomaly_map, infinity.to(anomaly_map.dtype))
-        return result._replace(pred_score=torch.where(finite, result.pred_score, infinity), anomaly_map=anomaly_map)
+        return result._replace(pred_score=torch.where(plausible, result.pred_score, infinity), anomaly_map=anomaly_map)
 
     return guarded
+
+
+def _warn_broken_frames(images: torch.Tensor, plausible: torch.Tensor) -> None:
+    non_finite = int((~finite_frames(images)).sum())
+    out_of_range = int((~plausible).sum()) - non_finite
+    reasons = []
+    if non_finite:
+        reasons.append(f"{non_finite} hold NaN or infinite pixel values")
+    if out_of_range:
+        reasons.append(f"{out_of_range} have pixel values far outside [0, 1] (an 8-bit frame not divided by 255?)")
+    logger.warning("Of %d images, %s: scored +inf and labelled anomalous. Check the camera frames or the "
+                   "pre-processing.", len(plausible), " and ".join(reasons))
 
 
 def check_channels(images: torch.Tensor) -> None:

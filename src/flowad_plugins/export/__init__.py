@@ -20,9 +20,11 @@ What this package adds to anomalib's ``Engine.export`` / ``to_openvino``, by mod
   ``CompressionType.INT8_PTQ`` here, so ``Engine().export(..., compression_type=INT8_PTQ, datamodule=dm)`` and
   ``anomalib export`` get it unchanged); ``compress_flow_weights``, ``CompressionType.INT8`` for the flow head's
   weights only. nncf is optional: ``pip install 'flowad-plugins[int8]'``.
+- ``accuracy_control``: ``quantize_with_accuracy_control`` (``CompressionType.INT8_ACQ``), the same backbone INT8
+  with nncf reverting quantizers until the drop on the *validation* split (never test) is at most ``max_drop``.
 - ``onnx_graph``: where the backbone ends in the exported graph, and the nncf scopes keeping the rest float.
 - ``options``: ``export_model``, ``Engine.export``'s options checked up front with clear errors (compression with
-  ONNX, accuracy-aware quantization that would validate on the test set, PTQ without data).
+  ONNX, quantization without data).
 - ``openvino``: ``openvino_config`` (``precision="f32"`` asks the CPU plugin for float32, which FP32 parity needs;
   its default is bf16 where the CPU supports it) and ``static_input_size``.
 - ``predict_folder`` / ``anomaly_overlay`` (from ``flowad_plugins.folder_prediction``): run an IR on a folder of
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .accuracy_control import quantize_with_accuracy_control, validation_metric
 from .onnx_graph import backbone_conv_count, backbone_only_scope, float_tail_names, float_weights_scope
 from .openvino import PRECISIONS, openvino_config, static_input_size
 from .options import (
@@ -71,7 +74,9 @@ __all__ = [
     "predict_folder",
     "quantize_backbone_on_normal_images",
     "quantize_on_normal_images",
+    "quantize_with_accuracy_control",
     "static_input_size",
+    "validation_metric",
 ]
 
 _FOLDER_PREDICTION_NAMES = ("FolderPredictions", "IMAGE_SUFFIXES", "anomaly_overlay", "predict_folder")

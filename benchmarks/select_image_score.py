@@ -1,0 +1,235 @@
+"""Choose the image score on validation of several categories, and show why the current one fails.
+
+For each model (its shipped config ``configs/<model>_efficientnet_lite0.yaml``, training capped at ``--max-minutes``)
+and each category (MVTec AD bottle, MVTec 3D-AD tire RGB, the generated ``object`` category): train once, then
+collect the *unsmoothed* anomaly maps (the scorer's combination of all scales, before any blur) of the normal
+training images and of the validation split (20 % of train/good + anomalib's synthetic anomalies). The test split
+is never read. From those maps every candidate image score is computed and ranked by validation image AUROC:
+
+- ``max``: the maximum of the unsmoothed map (the current score);
+- ``smoothed_max_s{σ}``: the maximum after a Gaussian blur of σ input pixels (a single hot pixel cannot decide it);
+- ``top_mean_{q}``: the mean of the top ``q`` fraction of the map;
+- ``position_z_max`` / ``position_z_smoothed_max_s4``: the map standardised per position with the mean and standard
+  deviation of the normal training maps at that position (fixed-pattern effects such as borders or the part's own
+  structure cancel), then its (smoothed) maximum.
+
+The failure analysis: where the maximum sits (fraction in the border band, the outer ``BORDER_FRACTION`` of each
+side) for normal and anomalous validation images, and the spread of the scores of each class. Writes
+``benchmarks/results/image_score_selection.{json,md}``::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/select_image_score.py --max-minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from tempfile import mkdtemp
+
+import numpy as np
+import torch
+import yaml
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from harness.machine import cpu_model
+from lightning.pytorch import seed_everything
+from torch.nn import functional as F
+from torchmetrics.functional.classification import binary_auroc
+
+import flowad_plugins
+from flowad_plugins.data import SyntheticAD
+from flowad_plugins.scoring import SeparableGaussianBlur
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
+CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
+           "CSFlow": "csflow_efficientnet_lite0.yaml"}
+BORDER_FRACTION = 1 / 16
+MIN_POSITION_STD = 1e-3  # relative to the map's overall standard deviation
+PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this side
+
+
+def datamodule(category: str, batch_size: int):
+    """The category's datamodule with validation = 20 % of train/good + synthetic anomalies (seed 0)."""
+    common = {"train_batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": 0,
+              "val_split_mode": "synthetic", "val_split_ratio": 0.2, "seed": 0}
+    if category == "bottle":
+        return MVTecAD(root=SHARED / "mvtec_ad", category="bottle", **common)
+    if category == "tire":
+        return MVTecAD(root=SHARED / "mvtec_3d_rgb", category="tire", **common)
+    if category == "generated":
+        return SyntheticAD(root=Path(mkdtemp()) / "generated", category="object", image_size=256, **common)
+    msg = f"unknown category {category!r}"
+    raise ValueError(msg)
+
+
+def shipped_model(name: str):
+    """The model of ``configs/<name>``'s ``init_args``, and the config's epoch count."""
+    config = yaml.safe_load((REPO / "configs" / CONFIGS[name]).read_text())
+    init = {key: value for key, value in config["model"]["init_args"].items() if key != "seed"}
+    return getattr(flowad_plugins, name)(**init), int(config["trainer"]["max_epochs"])
+
+
+@torch.no_grad()
+def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``."""
+    scorer = model.model.scorer
+    saved = scorer.blur_sigma, scorer.map_scales
+    scorer.blur_sigma, scorer.map_scales = 0.0, None
+    maps, labels, masks = [], [], []
+    try:
+        model.eval()
+        for batch in loader:
+            images = model.pre_processor(batch.image) if model.pre_processor else batch.image
+            output = model.model(images)
+            maps.append(output.anomaly_map.float().reshape(len(images), *output.anomaly_map.shape[-2:]))
+            labels.append(batch.gt_label.reshape(-1).int())
+            if batch.gt_mask is not None:
+                mask = batch.gt_mask.float().reshape(len(images), 1, *batch.gt_mask.shape[-2:])
+                masks.append(F.interpolate(mask, size=maps[-1].shape[-2:], mode="nearest")[:, 0] > 0.5)
+            else:
+                masks.append(torch.zeros_like(maps[-1], dtype=torch.bool))
+    finally:
+        scorer.blur_sigma, scorer.map_scales = saved
+    return torch.cat(maps), torch.cat(labels), torch.cat(masks)
+
+
+def smoothed(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    return SeparableGaussianBlur(sigma)(maps[:, None])[:, 0]
+
+
+def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``{candidate: N scores}`` of the validation ``maps``, and the per-position standardised maps."""
+    flat = maps.flatten(1)
+    mean = train_maps.mean(dim=0)
+    std = train_maps.std(dim=0).clamp_min(MIN_POSITION_STD * float(train_maps.std()))
+    position_z = (maps - mean) / std
+    scores = {"max": flat.amax(dim=1)}
+    for sigma in (2.0, 4.0, 8.0):
+        scores[f"smoothed_max_s{sigma:g}"] = smoothed(maps, sigma).flatten(1).amax(dim=1)
+    for fraction in (0.001, 0.01):
+        count = max(1, int(fraction * flat.shape[1]))
+        scores[f"top_mean_{fraction:g}"] = flat.topk(count, dim=1).values.mean(dim=1)
+    scores["position_z_max"] = position_z.flatten(1).amax(dim=1)
+    scores["position_z_smoothed_max_s4"] = smoothed(position_z, 4.0).flatten(1).amax(dim=1)
+    return scores, position_z
+
+
+def border_share(maps: torch.Tensor) -> torch.Tensor:
+    """Per image: whether its maximum lies in the border band (the outer ``BORDER_FRACTION`` of a side)."""
+    height, width = maps.shape[-2:]
+    index = maps.flatten(1).argmax(dim=1)
+    rows, cols = index // width, index % width
+    band_h, band_w = max(1, int(height * BORDER_FRACTION)), max(1, int(width * BORDER_FRACTION))
+    return (rows < band_h) | (rows >= height - band_h) | (cols < band_w) | (cols >= width - band_w)
+
+
+def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict:
+    scores, position_z = candidate_scores(train_maps, maps)
+    image_auroc = {name: round(float(binary_auroc(values, labels)), 4) for name, values in scores.items()}
+    anomalous = labels == 1
+    pixel = {}
+    if bool(masks.any()):
+        size = [min(side, PIXEL_METRIC_SIZE) for side in maps.shape[-2:]]
+        target = F.interpolate(masks[:, None].float(), size=size, mode="nearest").flatten().int()
+        for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)),
+                             ("position_z_s4", smoothed(position_z, 4.0))):
+            resized = F.interpolate(values[:, None], size=size, mode="area").flatten()
+            pixel[name] = round(float(binary_auroc(resized, target)), 4)
+    at_border = border_share(maps)
+    current = scores["max"]
+    return {
+        "val_images": {"normal": int((~anomalous).sum()), "anomalous": int(anomalous.sum())},
+        "val_image_AUROC": image_auroc,
+        "val_pixel_AUROC": pixel,
+        "max_at_border": {"normal": round(float(at_border[~anomalous].float().mean()), 3),
+                          "anomalous": round(float(at_border[anomalous].float().mean()), 3),
+                          "train": round(float(border_share(train_maps).float().mean()), 3)},
+        "max_score": {kind: {"median": round(float(current[mask].median()), 3),
+                             "p10": round(float(current[mask].quantile(0.1)), 3),
+                             "p90": round(float(current[mask].quantile(0.9)), 3)}
+                      for kind, mask in (("normal", ~anomalous), ("anomalous", anomalous))},
+    }
+
+
+def run(name: str, category: str, max_minutes: float, batch_size: int) -> dict:
+    seed_everything(0, workers=True)
+    model, epochs = shipped_model(name)
+    data = datamodule(category, batch_size)
+    engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=True,
+                    default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes}, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=data)
+    train_seconds = time.perf_counter() - start
+    train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
+    maps, labels, masks = unsmoothed_maps(model, data.val_dataloader())
+    return {"model": name, "category": category, "epochs_run": engine.trainer.current_epoch, "epochs_config": epochs,
+            "train_seconds": round(train_seconds, 1), **analyse(train_maps, maps, labels, masks)}
+
+
+def markdown(results: list[dict], command: str) -> str:
+    candidates = list(results[0]["val_image_AUROC"])
+    lines = ["# Image-score selection on validation (never test)", "",
+             f"`{command}`; machine: {cpu_model()}, {torch.get_num_threads()} threads. Validation = 20 % of train/good"
+             " + synthetic anomalies; shipped configs, training capped in minutes.", "",
+             "| model | category | epochs | train s | " + " | ".join(candidates) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(candidates)]
+    for row in results:
+        aurocs = " | ".join(f"{row['val_image_AUROC'][c]:.3f}" for c in candidates)
+        lines.append(f"| {row['model']} | {row['category']} | {row['epochs_run']}/{row['epochs_config']} | "
+                     f"{row['train_seconds']:.0f} | {aurocs} |")
+    lines += ["", "Mean validation image AUROC per model over the categories:", "",
+              "| model | " + " | ".join(candidates) + " |", "|---|" + "---:|" * len(candidates)]
+    for model in dict.fromkeys(row["model"] for row in results):
+        rows = [row for row in results if row["model"] == model]
+        lines.append(f"| {model} | " + " | ".join(
+            f"{np.mean([row['val_image_AUROC'][c] for row in rows]):.3f}" for c in candidates) + " |")
+    lines += ["", "Failure analysis (the current score, `max`): share of image maxima in the border band "
+              f"(outer {BORDER_FRACTION:.4g} of each side) and score quantiles (p10 / median / p90); validation pixel "
+              "AUROC of the map unsmoothed, blurred (σ 4) and standardised per position then blurred.", "",
+              "| model | category | max at border: train / val normal / val anomalous | normal max score | "
+              "anomalous max score | pixel AUROC map / s4 / position-z s4 |", "|---|---|---|---|---|---|"]
+    for row in results:
+        border, score, pixel = row["max_at_border"], row["max_score"], row["val_pixel_AUROC"]
+        quantiles = {kind: f"{v['p10']:.2f} / {v['median']:.2f} / {v['p90']:.2f}" for kind, v in score.items()}
+        lines.append(f"| {row['model']} | {row['category']} | {border['train']:.2f} / {border['normal']:.2f} / "
+                     f"{border['anomalous']:.2f} | {quantiles['normal']} | {quantiles['anomalous']} | "
+                     + " / ".join(f"{pixel.get(k, float('nan')):.3f}" for k in ("map", "map_s4", "position_z_s4"))
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--categories", nargs="+", default=["bottle", "tire", "generated"],
+                        choices=["bottle", "tire", "generated"])
+    parser.add_argument("--max-minutes", type=float, default=5.0, help="training budget per model and category")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS / "image_score_selection")
+    args = parser.parse_args()
+    command = "python benchmarks/select_image_score.py " + " ".join(sys.argv[1:])
+    partial = args.out.with_suffix(".json")
+    results = json.loads(partial.read_text())["results"] if partial.is_file() else []
+    done = {(row["model"], row["category"]) for row in results}
+    for category in args.categories:
+        for name in args.models:
+            if (name, category) in done:
+                continue
+            print(f"== {name} on {category}", flush=True)
+            results.append(run(name, category, args.max_minutes, args.batch_size))
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"command": command, "machine": {
+                "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}, "results": results}, indent=1))
+            args.out.with_suffix(".md").write_text(markdown(results, command))
+    print(markdown(results, command))
+
+
+if __name__ == "__main__":
+    main()
