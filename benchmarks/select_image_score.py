@@ -157,7 +157,7 @@ def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, 
     }
 
 
-def run(name: str, category: str, max_minutes: float, batch_size: int) -> dict:
+def run(name: str, category: str, max_minutes: float, batch_size: int, checkpoints: Path | None) -> dict:
     seed_everything(0, workers=True)
     model, epochs = shipped_model(name)
     data = datamodule(category, batch_size)
@@ -166,10 +166,32 @@ def run(name: str, category: str, max_minutes: float, batch_size: int) -> dict:
     start = time.perf_counter()
     engine.fit(model=model, datamodule=data)
     train_seconds = time.perf_counter() - start
+    if checkpoints is not None:  # for test runs of the chosen score without training again
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        engine.trainer.save_checkpoint(checkpoints / f"{name}_{category}.ckpt")
     train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
     maps, labels, masks = unsmoothed_maps(model, data.val_dataloader())
     return {"model": name, "category": category, "epochs_run": engine.trainer.current_epoch, "epochs_config": epochs,
             "train_seconds": round(train_seconds, 1), **analyse(train_maps, maps, labels, masks)}
+
+
+def test_chosen(name: str, category: str, checkpoint: Path, sigma: float, batch_size: int) -> dict:
+    """Test metrics of a selection run's checkpoint, before and after setting ``score_blur_sigma = sigma``.
+
+    Each setting is validated first (thresholds and normalisation from the validation split), then tested.
+    """
+    seed_everything(0, workers=True)
+    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, weights_only=True)
+    data = datamodule(category, batch_size)
+    engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    default_root_dir=Path(mkdtemp()))
+    metrics = {}
+    for setting, value in (("shipped", model.model.scorer.score_blur_sigma), ("chosen", sigma)):
+        model.model.scorer.score_blur_sigma = value
+        engine.validate(model=model, datamodule=data, verbose=False)
+        result = engine.test(model=model, datamodule=data, verbose=False)[0]
+        metrics[setting] = {"score_blur_sigma": value, **{k: round(float(v), 4) for k, v in result.items()}}
+    return {"model": name, "category": category, **metrics}
 
 
 def markdown(results: list[dict], command: str) -> str:
@@ -212,8 +234,21 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=5.0, help="training budget per model and category")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS / "image_score_selection")
+    parser.add_argument("--save-checkpoints", type=Path, default=None, help="folder for the trained checkpoints")
+    parser.add_argument("--test-checkpoints", type=Path, default=None,
+                        help="after the choice: test the saved checkpoints with --chosen-sigma (no training)")
+    parser.add_argument("--chosen-sigma", type=float, default=None)
     args = parser.parse_args()
-    command = "python benchmarks/select_image_score.py " + " ".join(sys.argv[1:])
+    if args.test_checkpoints is not None:
+        tested = [test_chosen(name, category, args.test_checkpoints / f"{name}_{category}.ckpt", args.chosen_sigma,
+                              args.batch_size) for category in args.categories for name in args.models]
+        out = args.out.with_name(args.out.name + "_test.json")
+        out.write_text(json.dumps({"machine": cpu_model(), "results": tested}, indent=1) + "\n")
+        print(json.dumps(tested, indent=1))
+        return
+    shown = [arg for index, arg in enumerate(sys.argv[1:]) if arg != "--save-checkpoints"
+             and (index == 0 or sys.argv[index] != "--save-checkpoints")]  # a local folder: not part of the result
+    command = "python benchmarks/select_image_score.py " + " ".join(shown)
     partial = args.out.with_suffix(".json")
     results = json.loads(partial.read_text())["results"] if partial.is_file() else []
     done = {(row["model"], row["category"]) for row in results}
@@ -222,7 +257,7 @@ def main() -> None:
             if (name, category) in done:
                 continue
             print(f"== {name} on {category}", flush=True)
-            results.append(run(name, category, args.max_minutes, args.batch_size))
+            results.append(run(name, category, args.max_minutes, args.batch_size, args.save_checkpoints))
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"command": command, "machine": {
                 "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,

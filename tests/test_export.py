@@ -373,3 +373,20 @@ def test_unsupported_options_raise_clear_errors(tmp_path: Path) -> None:
         openvino_config("int4")
     assert openvino_config("f32") == {"INFERENCE_PRECISION_HINT": "f32"}
     assert not list(tmp_path.iterdir()), "a refused export must not write files"
+
+
+def test_int8_acq_needs_anomalies_in_the_validation_split_before_any_export(synthetic_root: Path) -> None:
+    """Accuracy control compares on validation, never test: a split without anomalies is refused up front."""
+    from flowad_plugins.data import SyntheticAD
+    from flowad_plugins.export import quantize_with_accuracy_control, validation_metric
+
+    model = flowad_plugins.CflowAD(**TINY_CFLOW)
+    normal_only = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
+                              num_test_per_defect=3, val_split_mode="from_test", val_split_ratio=0.01)
+    with pytest.raises(ValueError, match=r"int8_acq' needs a validation split with normal and anomalous images"):
+        quantize_with_accuracy_control(model, None, normal_only)  # no IR needed: refused before the export
+    with pytest.raises(ValueError, match="max_drop must be between 0 and 1"):
+        quantize_with_accuracy_control(model, None, normal_only, max_drop=2.0)
+    with pytest.raises(ValueError, match="metric='AUROCC' is not an anomalib metric"):
+        validation_metric("AUROCC")
+    assert validation_metric(None).fields == ["pred_score", "gt_label"]

@@ -123,3 +123,34 @@ def test_map_scales_restrict_the_map_not_the_score(aggregation: str) -> None:
     assert AnomalyScorer(3, map_scales=[2, 1, 0]).map_scales is None
     with pytest.raises(ValueError, match="map_scales must be a non-empty subset of \\[0, 1, 2\\]"):
         AnomalyScorer(3, map_scales=[3])
+
+
+@pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
+@pytest.mark.parametrize("blur_sigma", [0.0, 2.0, 3.0])
+def test_score_blur_is_the_maximum_of_the_smoothed_unsmoothed_map(aggregation: str, blur_sigma: float) -> None:
+    """``score_blur_sigma`` σ: the score is the maximum of the every-scale map before the map's own blur, smoothed
+    by σ in the map's domain; a lone hot pixel then weighs less than a blob of the same height."""
+    from flowad_plugins.scoring import SeparableGaussianBlur
+
+    torch.manual_seed(0)
+    maps = [torch.randn(3, 8, 8), torch.randn(3, 4, 4)]
+    plain = AnomalyScorer(2, aggregation=aggregation)(maps, (32, 32))
+    scorer = AnomalyScorer(2, aggregation=aggregation, blur_sigma=blur_sigma, score_blur_sigma=3.0)
+    output = scorer(maps, (32, 32))
+    expected = SeparableGaussianBlur(3.0)(plain.anomaly_map).flatten(1).amax(dim=1)
+    torch.testing.assert_close(output.pred_score, expected, rtol=1e-4, atol=1e-4)
+    if blur_sigma == 0:
+        torch.testing.assert_close(output.anomaly_map, plain.anomaly_map)
+    assert scorer.score_blur_sigma == 3.0
+    with pytest.raises(ValueError, match="score_blur_sigma must be ≥ 0"):
+        AnomalyScorer(2, score_blur_sigma=-1.0)
+
+
+def test_score_blur_ranks_a_blob_above_a_lone_pixel_of_the_same_height() -> None:
+    scorer = AnomalyScorer(1, score_blur_sigma=2.0)
+    maps = [torch.zeros(2, 32, 32)]
+    maps[0][0, 16, 16] = -10.0  # image 0: one low-likelihood position
+    maps[0][1, 12:20, 12:20] = -10.0  # image 1: a defect of 8×8 positions, same depth
+    output = scorer(maps, (32, 32))
+    assert output.pred_score[1] > 2 * output.pred_score[0]
+    assert AnomalyScorer(1)(maps, (32, 32)).pred_score.unique().numel() == 1  # the plain maximum ties them

@@ -5,9 +5,10 @@ Every flow head produces, per scale ``l``, a log-likelihood map ``B×h_l×w_l`` 
 on normal training data (buffers, so they live in the checkpoint and the exported graph). ``AnomalyScorer`` combines the
 maps into one ``anomaly_map B×1×H×W``, either as standardised negative log-likelihoods averaged over
 scales or, as the CFLOW/FastFlow papers do, as a sum of likelihoods relative to the training mean
-(``aggregation``), then optionally smooths it (``blur_sigma``). The image score is the maximum of the
-unsmoothed map (as PatchCore does), so smoothing serves localisation only. Nothing depends on the other
-images of a batch.
+(``aggregation``), then optionally smooths it (``blur_sigma``). The image score is the maximum of the map
+before that smoothing, itself smoothed by ``score_blur_sigma`` (0: the plain maximum, as PatchCore does), so
+that the map's smoothing serves localisation only and one hot pixel need not decide an image. Nothing depends on
+the other images of a batch.
 """
 
 from __future__ import annotations
@@ -106,15 +107,19 @@ class AnomalyScorer(nn.Module):
       0.585 for CflowAD; 0.789 → 0.810 and 0.569 → 0.646 for FastFlow); CS-Flow keeps ``"standardized"``
       (its image AUROC on validation dropped with ``"likelihood"``).
 
-    In both the image score is the maximum of the unsmoothed map of all scales: smoothing must not dilute
-    small defects. ``map_scales`` may restrict the returned map to some scales (e.g. ``[0]``, the finest, as
-    CS-Flow's official code localises); the score still uses every scale.
+    In both the image score is the maximum of the combination of all scales before the map's smoothing,
+    blurred with its own ``score_blur_sigma`` (chosen on validation of several categories,
+    ``benchmarks/select_image_score.py``; 0 = the plain maximum). ``map_scales`` may restrict the returned map
+    to some scales (e.g. ``[0]``, the finest, as CS-Flow's official code localises); the score still uses
+    every scale.
 
     Args:
         num_scales: number of log-likelihood maps per image.
         blur_sigma: standard deviation (input pixels) of a Gaussian smoothing of the final map; 0 = none.
         aggregation: ``"standardized"`` or ``"likelihood"`` (see above).
         map_scales: indices of the scales combined into ``anomaly_map``; ``None`` = all.
+        score_blur_sigma: standard deviation (input pixels) of the Gaussian smoothing of the map whose maximum is
+            the image score; 0 = none.
     """
 
     AGGREGATIONS = ("standardized", "likelihood")
@@ -128,6 +133,7 @@ class AnomalyScorer(nn.Module):
         blur_sigma: float = 0.0,
         aggregation: str = "standardized",
         map_scales: Sequence[int] | None = None,
+        score_blur_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
@@ -144,6 +150,7 @@ class AnomalyScorer(nn.Module):
         self.aggregation = aggregation
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
+        self.score_blur_sigma = score_blur_sigma
         self._resampler = MapResampler()
 
     @property
@@ -159,6 +166,19 @@ class AnomalyScorer(nn.Module):
         self._blur_sigma = float(sigma)
         self.blur = SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
 
+    @property
+    def score_blur_sigma(self) -> float:
+        """Standard deviation of the smoothing before the image score's maximum, in input pixels (0 = none)."""
+        return self._score_blur_sigma
+
+    @score_blur_sigma.setter
+    def score_blur_sigma(self, sigma: float) -> None:
+        if sigma < 0:
+            msg = f"score_blur_sigma must be ≥ 0, got {sigma}."
+            raise ValueError(msg)
+        self._score_blur_sigma = float(sigma)
+        self.score_blur = SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
+
     def forward(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``log_likelihoods[l]``: ``B×h_l×w_l``; ``output_size``: ``(H, W)`` of the input images.
 
@@ -170,32 +190,41 @@ class AnomalyScorer(nn.Module):
             return self._score(log_likelihoods, output_size)
 
     def _resampled(self, maps: list[torch.Tensor], output_size: tuple[int, int], smooth: bool,
-                   scales: Sequence[int] | None = None, mean: bool = False) -> torch.Tensor:
-        """``B×1×H×W``: the maps of ``scales`` (all by default) upsampled, summed (or averaged), optionally smoothed."""
+                   scales: Sequence[int] | None = None, mean: bool = False, for_score: bool = False) -> torch.Tensor:
+        """``B×1×H×W``: the maps of ``scales`` (all by default) upsampled, summed (or averaged), optionally smoothed
+        (with ``score_blur_sigma`` when ``for_score``, else ``blur_sigma``)."""
         chosen = [maps[scale] for scale in scales] if scales is not None else list(maps)
         weights = [1.0 / len(chosen)] * len(chosen) if mean else None
+        sigma, blur = (self.score_blur_sigma, self.score_blur) if for_score else (self.blur_sigma, self.blur)
         if self._resampler.supports(output_size):
-            return self._resampler(chosen, output_size, self.blur_sigma if smooth else 0.0, weights)
+            return self._resampler(chosen, output_size, sigma if smooth else 0.0, weights)
         upsampled = [F.interpolate(values.unsqueeze(1), size=output_size, mode="bilinear", align_corners=False)
                      for values in chosen]
         combined = torch.stack(upsampled, dim=0).sum(dim=0) * (1.0 / len(chosen) if mean else 1.0)
-        return self.blur(combined) if smooth else combined
+        return blur(combined) if smooth else combined
 
     @property
     def _map_is_unsmoothed(self) -> bool:
         """The map equals the score's unsmoothed combination (no blur, every scale): computed once."""
         return self.blur_sigma == 0 and self.map_scales is None
 
+    @property
+    def _map_is_score_map(self) -> bool:
+        """The standardised map equals the score's smoothed combination (same blur, every scale): computed once."""
+        return self.blur_sigma == self.score_blur_sigma and self.map_scales is None
+
     def _score(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         stats = self.statistics
         size = (int(output_size[0]), int(output_size[1]))
         maps = [(stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
                 for scale, log_likelihood in enumerate(log_likelihoods)]
-        # the score from the unsmoothed map: blur must not dilute small defects
+        # the score from every scale, with its own smoothing: the map's blur must not dilute small defects
         unsmoothed = self._resampled(maps, size, smooth=False, mean=True)
         anomaly_map = (unsmoothed if self._map_is_unsmoothed else
                        self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True))
-        return InferenceBatch(pred_score=unsmoothed.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
+        score_map = (unsmoothed if self.score_blur_sigma == 0 else anomaly_map if self._map_is_score_map else
+                     self._resampled(maps, size, smooth=True, mean=True, for_score=True))
+        return InferenceBatch(pred_score=score_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
 
     def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``−log Σ_l up(exp(log p_l − μ_l))``, smoothed in the probability domain (see the class docstring)."""
@@ -206,4 +235,8 @@ class AnomalyScorer(nn.Module):
         unsmoothed = self._resampled(relative, size, smooth=False)
         probability = unsmoothed if self._map_is_unsmoothed else self._resampled(relative, size, smooth=True,
                                                                                  scales=self.map_scales)
-        return InferenceBatch(pred_score=-unsmoothed.flatten(1).amin(dim=1).log(), anomaly_map=-probability.log())
+        if self.score_blur_sigma == 0:
+            pred_score = -unsmoothed.flatten(1).amin(dim=1).log()
+        else:  # smoothed in the map's own (−log) domain, where an anomaly is large, not in the probability domain
+            pred_score = self.score_blur(-unsmoothed.log()).flatten(1).amax(dim=1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=-probability.log())

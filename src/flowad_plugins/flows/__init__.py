@@ -10,7 +10,7 @@
 from .affine_coupling import AffineCouplingBlock, CouplingFlow, clamped_log_scale
 from .coupling import conv_flow, conv_subnet, fiber_flow, linear_subnet
 from .cross_scale import CrossScaleCoupling, CrossScaleFlow, CrossScaleSubnet, MultiScaleActNorm, soft_clamp
-from .fiber_pass import FiberStep, fiber_flow_forward, fiber_flow_steps, fold_conditional_flow, map_flow_forward
+from .fiber_pass import FiberStep, fiber_flow_forward, fold_conditional_flow, map_flow_forward
 from .positional import PositionalEncoding2D, positional_encoding_2d
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "conv_subnet",
     "fiber_flow",
     "fiber_flow_forward",
-    "fiber_flow_steps",
     "fold_conditional_flow",
     "linear_subnet",
     "map_flow_forward",

@@ -103,10 +103,6 @@ def fold_conditional_flow(flow: CouplingFlow, condition_table: torch.Tensor) -> 
     return steps
 
 
-# Older name, kept for callers that prepared steps with it.
-fiber_flow_steps = fold_conditional_flow
-
-
 def fiber_flow_forward(
     flow: CouplingFlow,
     fibers: torch.Tensor,

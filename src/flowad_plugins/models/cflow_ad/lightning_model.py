@@ -47,6 +47,8 @@ class CflowAD(FlowAnomalibModule):
         warmup_fraction: share of the training steps spent on the linear warm-up.
         inference_chunk_size: fibers per vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
@@ -70,6 +72,7 @@ class CflowAD(FlowAnomalibModule):
         warmup_fraction: float = 0.05,
         inference_chunk_size: int = 65536,
         blur_sigma: float = 8.0,
+        score_blur_sigma: float = 0.0,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -106,6 +109,7 @@ class CflowAD(FlowAnomalibModule):
             permute_soft=permute_soft,
             inference_chunk_size=inference_chunk_size,
             blur_sigma=blur_sigma,
+            score_blur_sigma=score_blur_sigma,
         )
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size

@@ -15,7 +15,7 @@ from flowad_plugins.flows import (
     PositionalEncoding2D,
     fiber_flow,
     fiber_flow_forward,
-    fiber_flow_steps,
+    fold_conditional_flow,
     map_flow_forward,
 )
 from flowad_plugins.inference_passes import in_image_passes
@@ -43,6 +43,8 @@ class CflowADModel(nn.Module):
         permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
         inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
     """
 
     # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
@@ -60,6 +62,7 @@ class CflowADModel(nn.Module):
         permute_soft: bool = True,
         inference_chunk_size: int = 65536,
         blur_sigma: float = 0.0,
+        score_blur_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         if inference_chunk_size < 1:
@@ -71,7 +74,8 @@ class CflowADModel(nn.Module):
             fiber_flow(channels, coupling_blocks, clamp_alpha, condition_dim=condition_dim, permute_soft=permute_soft)
             for channels in self.encoder.channels
         )
-        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood")
+        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
+                                    score_blur_sigma=score_blur_sigma)
         self.inference_chunk_size = inference_chunk_size
         # (layer, h, w, device, dtype) -> (decoder parameter versions, prepared flow steps); inference only
         self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[FiberStep]]] = {}
@@ -113,7 +117,7 @@ class CflowADModel(nn.Module):
             key = (layer, *map_size, str(fibers.device), fibers.dtype)
             cached = self._condition_cache.get(key)
             if cached is None or cached[0] != versions:
-                cached = (versions, fiber_flow_steps(decoder, table))
+                cached = (versions, fold_conditional_flow(decoder, table))
                 self._condition_cache[key] = cached
             steps = cached[1]
         z, log_jac_det = fiber_flow_forward(decoder, fibers, table, positions, steps)
@@ -148,7 +152,7 @@ class CflowADModel(nn.Module):
         """``B×h×w`` log-likelihood of decoder ``layer`` on ``B×C×h×w`` features, in the map form (export)."""
         _, _, height, width = feature_map.shape
         table = self.positional_encoding(height, width, device=feature_map.device)
-        z, log_det = map_flow_forward(fiber_flow_steps(self.decoders[layer], table), as_float32(feature_map))
+        z, log_det = map_flow_forward(fold_conditional_flow(self.decoders[layer], table), as_float32(feature_map))
         return gaussian_log_likelihood(z, log_det)
 
     @in_image_passes

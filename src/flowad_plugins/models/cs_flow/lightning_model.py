@@ -50,6 +50,8 @@ class CSFlow(FlowAnomalibModule):
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (warm-up, then cosine decay).
         warmup_fraction: share of the steps spent on warm-up with ``lr_schedule="cosine"``.
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
         map_scales: deprecated (no configuration uses it; kept so older checkpoints load). Scales (0 = finest)
             whose maps form the anomaly map; ``None`` = all. The image score always uses all scales.
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
@@ -83,6 +85,7 @@ class CSFlow(FlowAnomalibModule):
         lr_schedule: str = "cosine",
         warmup_fraction: float = 0.05,
         blur_sigma: float = 4.0,
+        score_blur_sigma: float = 0.0,
         map_scales: Sequence[int] | None = None,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
@@ -121,6 +124,7 @@ class CSFlow(FlowAnomalibModule):
             clamp_alpha=clamp_alpha,
             input_norm=input_norm,
             blur_sigma=blur_sigma,
+            score_blur_sigma=score_blur_sigma,
             map_scales=map_scales,
         )
         self.adopt_input_size(self.input_size)

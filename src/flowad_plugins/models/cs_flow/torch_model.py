@@ -42,6 +42,8 @@ class CSFlowModel(nn.Module):
         clamp_alpha: soft clamp ``α`` (paper: 3).
         input_norm: data-initialised per-channel affine before the blocks (not in the paper; see ``flows``).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
         map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
     """
 
@@ -61,6 +63,7 @@ class CSFlowModel(nn.Module):
         clamp_alpha: float = 3.0,
         input_norm: bool = True,
         blur_sigma: float = 4.0,
+        score_blur_sigma: float = 0.0,
         map_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -82,7 +85,8 @@ class CSFlowModel(nn.Module):
             clamp_alpha=clamp_alpha,
             input_norm=input_norm,
         )
-        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma, map_scales=map_scales)
+        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma, map_scales=map_scales,
+                                    score_blur_sigma=score_blur_sigma)
 
     @property
     def size_multiple(self) -> int:

@@ -37,6 +37,8 @@ class FastFlow(FlowAnomalibModule):
         map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
             default: better localisation on validation data (benchmarks/experiments/fastflow_log_det.py).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
@@ -59,6 +61,7 @@ class FastFlow(FlowAnomalibModule):
         clamp: float = 2.0,
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
+        score_blur_sigma: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         input_size: Sequence[int] | None = None,
@@ -96,6 +99,7 @@ class FastFlow(FlowAnomalibModule):
             clamp=clamp,
             map_log_det=map_log_det,
             blur_sigma=blur_sigma,
+            score_blur_sigma=score_blur_sigma,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)

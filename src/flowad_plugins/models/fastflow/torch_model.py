@@ -70,6 +70,8 @@ class FastFlowModel(nn.Module):
         map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
             default: better localisation on validation data (benchmarks/fastflow_log_det.py).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
+            (0 = the plain maximum; chosen on validation of several categories).
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
@@ -91,6 +93,7 @@ class FastFlowModel(nn.Module):
         clamp: float = 2.0,
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
+        score_blur_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in {"flow_steps": flow_steps, "clamp": clamp, "hidden_ratio": hidden_ratio}.items():
@@ -110,7 +113,8 @@ class FastFlowModel(nn.Module):
         self.norms = nn.ModuleList()
         self.flows = nn.ModuleList()
         self._build_heads()
-        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood")
+        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
+                                    score_blur_sigma=score_blur_sigma)
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
