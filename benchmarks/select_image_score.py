@@ -11,7 +11,8 @@ is never read. From those maps every candidate image score is computed and ranke
 - ``top_mean_{q}``: the mean of the top ``q`` fraction of the map;
 - ``position_z_max`` / ``position_z_smoothed_max_s4``: the map standardised per position with the mean and standard
   deviation of the normal training maps at that position (fixed-pattern effects such as borders or the part's own
-  structure cancel), then its (smoothed) maximum.
+  structure cancel), then its (smoothed) maximum. ``position_z_max`` is what ``position_score=True`` computes
+  (``flowad_plugins.position_statistics``).
 
 The failure analysis: where the maximum sits (fraction in the border band, the outer ``BORDER_FRACTION`` of each
 side) for normal and anomalous validation images, and the spread of the scores of each class. Writes
@@ -42,6 +43,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 import flowad_plugins
 from flowad_plugins.data import SyntheticAD
+from flowad_plugins.position_statistics import ScoreMapStatistics, fit_score_map_statistics
 from flowad_plugins.scoring import SeparableGaussianBlur
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +52,6 @@ RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
            "CSFlow": "csflow_efficientnet_lite0.yaml"}
 BORDER_FRACTION = 1 / 16
-MIN_POSITION_STD = 1e-3  # relative to the map's overall standard deviation
 PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this side
 
 
@@ -78,12 +79,9 @@ def shipped_model(name: str):
 @torch.no_grad()
 def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``."""
-    scorer = model.model.scorer
-    saved = scorer.blur_sigma, scorer.map_scales
-    scorer.blur_sigma, scorer.map_scales = 0.0, None
     maps, labels, masks = [], [], []
-    try:
-        model.eval()
+    model.eval()
+    with model.model.scorer.plain_score_maps():
         for batch in loader:
             images = model.pre_processor(batch.image) if model.pre_processor else batch.image
             output = model.model(images)
@@ -94,8 +92,6 @@ def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Te
                 masks.append(F.interpolate(mask, size=maps[-1].shape[-2:], mode="nearest")[:, 0] > 0.5)
             else:
                 masks.append(torch.zeros_like(maps[-1], dtype=torch.bool))
-    finally:
-        scorer.blur_sigma, scorer.map_scales = saved
     return torch.cat(maps), torch.cat(labels), torch.cat(masks)
 
 
@@ -106,9 +102,9 @@ def smoothed(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{candidate: N scores}`` of the validation ``maps``, and the per-position standardised maps."""
     flat = maps.flatten(1)
-    mean = train_maps.mean(dim=0)
-    std = train_maps.std(dim=0).clamp_min(MIN_POSITION_STD * float(train_maps.std()))
-    position_z = (maps - mean) / std
+    statistics = ScoreMapStatistics()
+    statistics.fit([train_maps])
+    position_z = statistics.standardise(maps[:, None])[:, 0]
     scores = {"max": flat.amax(dim=1)}
     for sigma in (2.0, 4.0, 8.0):
         scores[f"smoothed_max_s{sigma:g}"] = smoothed(maps, sigma).flatten(1).amax(dim=1)
@@ -175,34 +171,45 @@ def run(name: str, category: str, max_minutes: float, batch_size: int, checkpoin
             "train_seconds": round(train_seconds, 1), **analyse(train_maps, maps, labels, masks)}
 
 
-def test_chosen(name: str, category: str, checkpoint: Path, sigma: float, batch_size: int) -> dict:
-    """Test metrics of a selection run's checkpoint, before and after setting ``score_blur_sigma = sigma``.
+def test_chosen(name: str, category: str, checkpoint: Path, chosen: dict, batch_size: int) -> dict:
+    """Test metrics of a selection run's checkpoint with the plain score and with the ``chosen`` scorer settings
+    (``position_score`` statistics fitted on the training images first).
 
     Each setting is validated first (thresholds and normalisation from the validation split), then tested.
     """
     seed_everything(0, workers=True)
-    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, weights_only=True)
+    model, _ = shipped_model(name)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})  # older buffers: not used
     data = datamodule(category, batch_size)
+    data.setup("fit")
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     default_root_dir=Path(mkdtemp()))
+    scorer = model.model.scorer
     metrics = {}
-    for setting, value in (("shipped", model.model.scorer.score_blur_sigma), ("chosen", sigma)):
-        model.model.scorer.score_blur_sigma = value
+    for setting, values in (("plain", {"position_score": False, "score_blur_sigma": 0.0}), ("chosen", chosen)):
+        scorer.position_score, scorer.score_blur_sigma = values["position_score"], values["score_blur_sigma"]
+        if scorer.position_score and not scorer.map_statistics.fitted:
+            fit_score_map_statistics(model, data.train_dataloader())
         engine.validate(model=model, datamodule=data, verbose=False)
         result = engine.test(model=model, datamodule=data, verbose=False)[0]
-        metrics[setting] = {"score_blur_sigma": value, **{k: round(float(v), 4) for k, v in result.items()}}
+        metrics[setting] = {**values, **{k: round(float(v), 4) for k, v in result.items()}}
     return {"model": name, "category": category, **metrics}
 
 
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def markdown(results: list[dict], command: str) -> str:
-    candidates = list(results[0]["val_image_AUROC"])
+    candidates = list(dict.fromkeys(c for row in results for c in row["val_image_AUROC"]))
     lines = ["# Image-score selection on validation (never test)", "",
              f"`{command}`; machine: {cpu_model()}, {torch.get_num_threads()} threads. Validation = 20 % of train/good"
              " + synthetic anomalies; shipped configs, training capped in minutes.", "",
              "| model | category | epochs | train s | " + " | ".join(candidates) + " |",
              "|---|---|---:|---:|" + "---:|" * len(candidates)]
     for row in results:
-        aurocs = " | ".join(f"{row['val_image_AUROC'][c]:.3f}" for c in candidates)
+        aurocs = " | ".join(_cell(row["val_image_AUROC"].get(c)) for c in candidates)
         lines.append(f"| {row['model']} | {row['category']} | {row['epochs_run']}/{row['epochs_config']} | "
                      f"{row['train_seconds']:.0f} | {aurocs} |")
     lines += ["", "Mean validation image AUROC per model over the categories:", "",
@@ -210,7 +217,9 @@ def markdown(results: list[dict], command: str) -> str:
     for model in dict.fromkeys(row["model"] for row in results):
         rows = [row for row in results if row["model"] == model]
         lines.append(f"| {model} | " + " | ".join(
-            f"{np.mean([row['val_image_AUROC'][c] for row in rows]):.3f}" for c in candidates) + " |")
+            _cell(np.mean(values) if len(values := [row["val_image_AUROC"][c] for row in rows
+                                                    if c in row["val_image_AUROC"]]) == len(rows) else None)
+            for c in candidates) + " |")
     lines += ["", "Failure analysis (the current score, `max`): share of image maxima in the border band "
               f"(outer {BORDER_FRACTION:.4g} of each side) and score quantiles (p10 / median / p90); validation pixel "
               "AUROC of the map unsmoothed, blurred (σ 4) and standardised per position then blurred.", "",
@@ -236,11 +245,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "image_score_selection")
     parser.add_argument("--save-checkpoints", type=Path, default=None, help="folder for the trained checkpoints")
     parser.add_argument("--test-checkpoints", type=Path, default=None,
-                        help="after the choice: test the saved checkpoints with --chosen-sigma (no training)")
-    parser.add_argument("--chosen-sigma", type=float, default=None)
+                        help="after the choice: test the saved checkpoints with --chosen (no training)")
+    parser.add_argument("--chosen", type=yaml.safe_load, default="{position_score: true, score_blur_sigma: 0.0}",
+                        help="scorer settings of the chosen default, as YAML")
     args = parser.parse_args()
     if args.test_checkpoints is not None:
-        tested = [test_chosen(name, category, args.test_checkpoints / f"{name}_{category}.ckpt", args.chosen_sigma,
+        tested = [test_chosen(name, category, args.test_checkpoints / f"{name}_{category}.ckpt", args.chosen,
                               args.batch_size) for category in args.categories for name in args.models]
         out = args.out.with_name(args.out.name + "_test.json")
         out.write_text(json.dumps({"machine": cpu_model(), "results": tested}, indent=1) + "\n")

@@ -154,3 +154,43 @@ def test_score_blur_ranks_a_blob_above_a_lone_pixel_of_the_same_height() -> None
     output = scorer(maps, (32, 32))
     assert output.pred_score[1] > 2 * output.pred_score[0]
     assert AnomalyScorer(1)(maps, (32, 32)).pred_score.unique().numel() == 1  # the plain maximum ties them
+
+
+def test_score_map_statistics_fit_per_position_and_restore_any_shape() -> None:
+    from flowad_plugins.position_statistics import ScoreMapStatistics
+
+    torch.manual_seed(0)
+    first, second = torch.randn(4, 1, 6, 5) * 2 + 1, torch.randn(3, 1, 6, 5) * 2 + 1
+    stats = ScoreMapStatistics()
+    assert not stats.fitted
+    stats.fit([first, second])
+    together = torch.cat([first, second])[:, 0].double()
+    torch.testing.assert_close(stats.map_mean, together.mean(dim=0).float())
+    torch.testing.assert_close(stats.map_std, together.std(dim=0, correction=0).float())
+    restored = ScoreMapStatistics()
+    restored.load_state_dict(stats.state_dict())  # the buffers take the checkpoint's shapes
+    torch.testing.assert_close(restored.map_std, stats.map_std)
+    restored.load_state_dict({})  # a checkpoint from before these statistics: loads, without them
+    assert not restored.fitted
+
+
+def test_position_score_cancels_a_place_that_is_unusual_on_every_normal_image() -> None:
+    """A border row that is always low-likelihood on normal images decides the plain maximum, not the position
+    score; a real defect in the interior still does. The map itself is unchanged."""
+    torch.manual_seed(0)
+    normal = torch.randn(64, 8, 8) * 0.1
+    normal[:, 0, :] -= 5.0  # the top row: low likelihood on every normal image (a border artefact)
+    scorer = AnomalyScorer(1, position_score=True)
+    with scorer.plain_score_maps():
+        plain_maps = scorer([normal], (8, 8)).anomaly_map
+    scorer.map_statistics.fit([plain_maps])
+    border_only, defect = normal[:1].clone(), normal[1:2].clone()
+    defect[0, 4, 4] -= 3.0
+    images = [torch.cat([border_only, defect])]
+    plain = AnomalyScorer(1)(images, (8, 8))
+    assert plain.pred_score[0] > 0.9 * plain.pred_score[1]  # the border dominates the plain maximum
+    output = scorer(images, (8, 8))
+    assert output.pred_score[1] > 5 * output.pred_score[0]
+    torch.testing.assert_close(output.anomaly_map, plain.anomaly_map)
+    stretched = scorer([torch.nn.functional.interpolate(images[0][:, None], size=(16, 16))[:, 0]], (16, 16))
+    assert stretched.pred_score[1] > stretched.pred_score[0]  # statistics follow another map size

@@ -106,11 +106,13 @@ def check_checkpoint_matches(module: torch.nn.Module, checkpoint: dict[str, Any]
     A checkpoint of another model class names that class; one of the same class trained with other shape-setting
     arguments names the arguments and both values. Differences that leave every weight shape alone pass.
     """
+    from flowad_plugins.position_statistics import takes_any_shape
+
     stored = checkpoint.get("state_dict", {})
     expected = module.state_dict()
     mismatched = sorted(key for key in set(stored) | set(expected)
-                        if key not in stored or key not in expected
-                        or tuple(stored[key].shape) != tuple(expected[key].shape))
+                        if not takes_any_shape(key) and (key not in stored or key not in expected
+                                                         or tuple(stored[key].shape) != tuple(expected[key].shape)))
     if not mismatched:
         return
     ours = type(module).__name__

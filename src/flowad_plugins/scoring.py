@@ -14,7 +14,8 @@ the other images of a batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from anomalib.data import InferenceBatch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flowad_plugins.map_resampling import MapResampler, gaussian_matrix
+from flowad_plugins.position_statistics import ScoreMapStatistics
 from flowad_plugins.precision import float32_region
 from flowad_plugins.statistics import LikelihoodStatistics  # re-exported: its home is statistics.py
 from flowad_plugins.tracing import is_exporting
@@ -120,6 +122,11 @@ class AnomalyScorer(nn.Module):
         map_scales: indices of the scales combined into ``anomaly_map``; ``None`` = all.
         score_blur_sigma: standard deviation (input pixels) of the Gaussian smoothing of the map whose maximum is
             the image score; 0 = none.
+        position_score: image score from the unsmoothed map standardised *per position* with its mean and
+            standard deviation over the normal training images (``position_statistics``), then the maximum
+            (smoothed by ``score_blur_sigma``): a place that is unusual on every normal image (a border, the
+            part's own edges) no longer decides the score. Before those statistics are fitted, the score is the
+            plain one. The map is unchanged.
     """
 
     AGGREGATIONS = ("standardized", "likelihood")
@@ -134,6 +141,7 @@ class AnomalyScorer(nn.Module):
         aggregation: str = "standardized",
         map_scales: Sequence[int] | None = None,
         score_blur_sigma: float = 0.0,
+        position_score: bool = False,
     ) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
@@ -151,6 +159,8 @@ class AnomalyScorer(nn.Module):
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
         self.score_blur_sigma = score_blur_sigma
+        self.position_score = bool(position_score)
+        self.map_statistics = ScoreMapStatistics()
         self._resampler = MapResampler()
 
     @property
@@ -189,6 +199,24 @@ class AnomalyScorer(nn.Module):
                 return self._score_likelihood(log_likelihoods, output_size)
             return self._score(log_likelihoods, output_size)
 
+    @contextmanager
+    def plain_score_maps(self) -> Iterator[None]:
+        """Within: ``anomaly_map`` is the unsmoothed map of every scale that the image score is taken from (no map
+        blur, no ``map_scales``, no position standardisation), e.g. to fit ``map_statistics``."""
+        saved = self.blur_sigma, self.map_scales, self.position_score
+        self.blur_sigma, self.map_scales, self.position_score = 0.0, None, False
+        try:
+            yield
+        finally:
+            self.blur_sigma, self.map_scales, self.position_score = saved
+
+    def _image_score(self, score_map: torch.Tensor) -> torch.Tensor:
+        """``B`` scores from the unsmoothed ``B×1×H×W`` map (higher = more anomalous), per ``score_blur_sigma`` and
+        ``position_score``."""
+        if self.position_score and self.map_statistics.fitted:
+            score_map = self.map_statistics.standardise(score_map)
+        return self.score_blur(score_map).flatten(1).amax(dim=1)
+
     def _resampled(self, maps: list[torch.Tensor], output_size: tuple[int, int], smooth: bool,
                    scales: Sequence[int] | None = None, mean: bool = False, for_score: bool = False) -> torch.Tensor:
         """``B×1×H×W``: the maps of ``scales`` (all by default) upsampled, summed (or averaged), optionally smoothed
@@ -222,6 +250,9 @@ class AnomalyScorer(nn.Module):
         unsmoothed = self._resampled(maps, size, smooth=False, mean=True)
         anomaly_map = (unsmoothed if self._map_is_unsmoothed else
                        self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True))
+        if self.position_score and self.map_statistics.fitted:
+            return InferenceBatch(pred_score=self._image_score(unsmoothed), anomaly_map=anomaly_map)
+        # the smoothing is linear here: resampled from the small maps at once (or the map itself, when equal)
         score_map = (unsmoothed if self.score_blur_sigma == 0 else anomaly_map if self._map_is_score_map else
                      self._resampled(maps, size, smooth=True, mean=True, for_score=True))
         return InferenceBatch(pred_score=score_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
@@ -235,8 +266,8 @@ class AnomalyScorer(nn.Module):
         unsmoothed = self._resampled(relative, size, smooth=False)
         probability = unsmoothed if self._map_is_unsmoothed else self._resampled(relative, size, smooth=True,
                                                                                  scales=self.map_scales)
-        if self.score_blur_sigma == 0:
-            pred_score = -unsmoothed.flatten(1).amin(dim=1).log()
+        if self.score_blur_sigma == 0 and not (self.position_score and self.map_statistics.fitted):
+            pred_score = -unsmoothed.flatten(1).amin(dim=1).log()  # = max of −log P, one log per image
         else:  # smoothed in the map's own (−log) domain, where an anomaly is large, not in the probability domain
-            pred_score = self.score_blur(-unsmoothed.log()).flatten(1).amax(dim=1)
+            pred_score = self._image_score(-unsmoothed.log())
         return InferenceBatch(pred_score=pred_score, anomaly_map=-probability.log())

@@ -12,6 +12,12 @@ graph). Their whole life cycle during a Lightning fit is ``NormalStatisticsLifeC
   validates *before* ``on_train_epoch_end``; thresholds must be set on this epoch's scoring);
 - ``on_train_epoch_end``: commit again, for epochs without validation (a no-op after the first commit).
 
+With ``AnomalyScorer(position_score=True)`` the callback also fits the per-position statistics of the score map
+(``position_statistics``) in one inference pass over the training images, right after the commit of the *last*
+validation of a fit (the last epoch, or the one at which the trainer stops; every validation when the fit has
+no epoch budget): those are the weights and thresholds the model keeps, and one pass per fit keeps training time
+nearly unchanged. Earlier validations score without them (the plain maximum).
+
 Under DDP ``commit`` sums the accumulated counts and sums over the ranks, so every rank writes the same values.
 """
 
@@ -22,6 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 
@@ -94,9 +101,18 @@ class NormalStatisticsLifeCycle(Callback):
         self._statistics(pl_module).reset()
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write this epoch's statistics before validation scores (no-op when nothing is pending)."""
-        del trainer
+        """Write this epoch's statistics before validation scores (no-op when nothing is pending); before the last
+        validation of a fit, also fit the score map's per-position statistics when the scorer uses them."""
         self._statistics(pl_module).commit()
+        scorer = pl_module.model.scorer
+        if not getattr(scorer, "position_score", False) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        known_end = trainer.max_epochs is not None and trainer.max_epochs >= 0
+        last_epoch = known_end and trainer.current_epoch + 1 >= trainer.max_epochs
+        if last_epoch or trainer.should_stop or not known_end:  # no epoch budget: before every validation
+            from flowad_plugins.position_statistics import fit_score_map_statistics
+
+            fit_score_map_statistics(pl_module, trainer.train_dataloader)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write this epoch's statistics when the epoch had no validation (gathered across DDP ranks)."""

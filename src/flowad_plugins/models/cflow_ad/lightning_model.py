@@ -49,6 +49,8 @@ class CflowAD(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
@@ -73,6 +75,7 @@ class CflowAD(FlowAnomalibModule):
         inference_chunk_size: int = 65536,
         blur_sigma: float = 8.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -110,6 +113,7 @@ class CflowAD(FlowAnomalibModule):
             inference_chunk_size=inference_chunk_size,
             blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
+            position_score=position_score,
         )
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size

@@ -45,6 +45,8 @@ class CflowADModel(nn.Module):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
     """
 
     # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
@@ -63,6 +65,7 @@ class CflowADModel(nn.Module):
         inference_chunk_size: int = 65536,
         blur_sigma: float = 0.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
     ) -> None:
         super().__init__()
         if inference_chunk_size < 1:
@@ -75,7 +78,8 @@ class CflowADModel(nn.Module):
             for channels in self.encoder.channels
         )
         self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
-                                    score_blur_sigma=score_blur_sigma)
+                                    score_blur_sigma=score_blur_sigma,
+                                    position_score=position_score)
         self.inference_chunk_size = inference_chunk_size
         # (layer, h, w, device, dtype) -> (decoder parameter versions, prepared flow steps); inference only
         self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[FiberStep]]] = {}

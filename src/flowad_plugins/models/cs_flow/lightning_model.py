@@ -52,6 +52,8 @@ class CSFlow(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
         map_scales: deprecated (no configuration uses it; kept so older checkpoints load). Scales (0 = finest)
             whose maps form the anomaly map; ``None`` = all. The image score always uses all scales.
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
@@ -86,6 +88,7 @@ class CSFlow(FlowAnomalibModule):
         warmup_fraction: float = 0.05,
         blur_sigma: float = 4.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
         map_scales: Sequence[int] | None = None,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
@@ -125,6 +128,7 @@ class CSFlow(FlowAnomalibModule):
             input_norm=input_norm,
             blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
+            position_score=position_score,
             map_scales=map_scales,
         )
         self.adopt_input_size(self.input_size)

@@ -44,6 +44,8 @@ class CSFlowModel(nn.Module):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
         map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
     """
 
@@ -64,6 +66,7 @@ class CSFlowModel(nn.Module):
         input_norm: bool = True,
         blur_sigma: float = 4.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
         map_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
@@ -86,7 +89,8 @@ class CSFlowModel(nn.Module):
             input_norm=input_norm,
         )
         self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma, map_scales=map_scales,
-                                    score_blur_sigma=score_blur_sigma)
+                                    score_blur_sigma=score_blur_sigma,
+                                    position_score=position_score)
 
     @property
     def size_multiple(self) -> int:

@@ -39,6 +39,8 @@ class FastFlow(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
@@ -62,6 +64,7 @@ class FastFlow(FlowAnomalibModule):
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         input_size: Sequence[int] | None = None,
@@ -100,6 +103,7 @@ class FastFlow(FlowAnomalibModule):
             map_log_det=map_log_det,
             blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
+            position_score=position_score,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)

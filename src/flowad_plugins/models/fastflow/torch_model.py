@@ -72,6 +72,8 @@ class FastFlowModel(nn.Module):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
             (0 = the plain maximum; chosen on validation of several categories).
+        position_score: image score from the unsmoothed map standardised per position with normal training
+            statistics (``AnomalyScorer``); the map is unchanged.
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
@@ -94,6 +96,7 @@ class FastFlowModel(nn.Module):
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
         score_blur_sigma: float = 0.0,
+        position_score: bool = True,
     ) -> None:
         super().__init__()
         for name, value in {"flow_steps": flow_steps, "clamp": clamp, "hidden_ratio": hidden_ratio}.items():
@@ -114,7 +117,8 @@ class FastFlowModel(nn.Module):
         self.flows = nn.ModuleList()
         self._build_heads()
         self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
-                                    score_blur_sigma=score_blur_sigma)
+                                    score_blur_sigma=score_blur_sigma,
+                                    position_score=position_score)
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
