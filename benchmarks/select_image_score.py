@@ -182,6 +182,7 @@ def test_chosen(name: str, category: str, checkpoint: Path, chosen: dict, batch_
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})  # older buffers: not used
     data = datamodule(category, batch_size)
+    data.prepare_data()  # the generated category is written here
     data.setup("fit")
     engine = Engine(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     default_root_dir=Path(mkdtemp()))
@@ -250,10 +251,17 @@ def main() -> None:
                         help="scorer settings of the chosen default, as YAML")
     args = parser.parse_args()
     if args.test_checkpoints is not None:
-        tested = [test_chosen(name, category, args.test_checkpoints / f"{name}_{category}.ckpt", args.chosen,
-                              args.batch_size) for category in args.categories for name in args.models]
         out = args.out.with_name(args.out.name + "_test.json")
-        out.write_text(json.dumps({"machine": cpu_model(), "results": tested}, indent=1) + "\n")
+        tested = json.loads(out.read_text())["results"] if out.is_file() else []
+        for category in args.categories:
+            for name in args.models:
+                if any(row["model"] == name and row["category"] == category for row in tested):
+                    continue
+                tested.append(test_chosen(name, category, args.test_checkpoints / f"{name}_{category}.ckpt",
+                                          args.chosen, args.batch_size))
+                command = "python benchmarks/select_image_score.py --test-checkpoints CKPT_DIR"
+                out.write_text(json.dumps({"command": command, "machine": cpu_model(), "results": tested},
+                                          indent=1) + "\n")
         print(json.dumps(tested, indent=1))
         return
     shown = [arg for index, arg in enumerate(sys.argv[1:]) if arg != "--save-checkpoints"
