@@ -96,6 +96,14 @@ class SeparableGaussianBlur(nn.Module):
         return F.conv2d(F.pad(maps, (0, 0, pad_h, pad_h), mode="reflect"), vertical)
 
 
+def _gaussian_blur(name: str, sigma: float) -> tuple[float, nn.Module]:
+    """``(σ, its blur)`` for the parameter ``name``: ``SeparableGaussianBlur(σ)``, or identity for 0."""
+    if sigma < 0:
+        msg = f"{name} must be ≥ 0, got {sigma}."
+        raise ValueError(msg)
+    return float(sigma), SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
+
+
 class AnomalyScorer(nn.Module):
     """Combine per-scale log-likelihood maps into an anomaly map ``B×1×H×W`` and score ``B``.
 
@@ -170,11 +178,7 @@ class AnomalyScorer(nn.Module):
 
     @blur_sigma.setter
     def blur_sigma(self, sigma: float) -> None:
-        if sigma < 0:
-            msg = f"blur_sigma must be ≥ 0, got {sigma}."
-            raise ValueError(msg)
-        self._blur_sigma = float(sigma)
-        self.blur = SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
+        self._blur_sigma, self.blur = _gaussian_blur("blur_sigma", sigma)
 
     @property
     def score_blur_sigma(self) -> float:
@@ -183,11 +187,7 @@ class AnomalyScorer(nn.Module):
 
     @score_blur_sigma.setter
     def score_blur_sigma(self, sigma: float) -> None:
-        if sigma < 0:
-            msg = f"score_blur_sigma must be ≥ 0, got {sigma}."
-            raise ValueError(msg)
-        self._score_blur_sigma = float(sigma)
-        self.score_blur = SeparableGaussianBlur(sigma) if sigma > 0 else nn.Identity()
+        self._score_blur_sigma, self.score_blur = _gaussian_blur("score_blur_sigma", sigma)
 
     def forward(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         """``log_likelihoods[l]``: ``B×h_l×w_l``; ``output_size``: ``(H, W)`` of the input images.
