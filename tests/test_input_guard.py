@@ -76,17 +76,11 @@ def test_non_finite_frames_score_inf_and_label_anomalous_in_torch(fitted_model, 
 
 @pytest.fixture(scope="module")
 def exported(fitted_model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The model exported once to ONNX and to an OpenVINO IR (converted as ``to_openvino`` does, tail marked)."""
-    import openvino as ov
-
-    from flowad_plugins.export.precision import keep_tail_in_float32
-
+    """The model exported once to ONNX and once with its own ``to_openvino`` (fixed size, float32 marks)."""
     _, model = fitted_model
     root = tmp_path_factory.mktemp("export")
     onnx_path = Path(model.to_onnx(root, input_size=(SIZE, SIZE)))
-    xml = root / "model.xml"
-    ov.save_model(ov.convert_model(onnx_path), xml, compress_to_fp16=False)
-    assert keep_tail_in_float32(xml) > 0
+    xml = Path(model.to_openvino(root / "openvino", input_size=(SIZE, SIZE)))
     return onnx_path, xml
 
 
@@ -111,11 +105,14 @@ def test_non_finite_frames_are_anomalous_in_onnx_and_openvino(fitted_model, expo
         assert np.asarray(outputs["pred_mask"])[1:].all()
 
 
-def test_openvino_export_is_static_marks_its_float32_tail_and_matches_torch_at_default_precision(
+def test_openvino_export_is_static_keeps_backbone_and_tail_float32_and_matches_torch_at_default_precision(
     fitted_model, exported
 ) -> None:
-    """A fixed-size export has static spatial shapes; its score tail is kept float32; compiled with no configuration
-    at all (bf16 on CPUs that have it) it ranks pixels as torch does."""
+    """A fixed-size export has static shapes; compiled with no configuration at all (bf16 on CPUs that have it) its
+    marked layers (backbone, score tail) run in float32, the flow head's convolutions in the CPU's fast precision,
+    and it scores as torch does."""
+    import xml.etree.ElementTree as ElementTree
+
     import openvino as ov
 
     _, model = fitted_model
@@ -124,14 +121,27 @@ def test_openvino_export_is_static_marks_its_float32_tail_and_matches_torch_at_d
     images = torch.rand(4, 3, SIZE, SIZE)
     with torch.no_grad():
         reference = model(images)  # the whole pipeline (pre-processing, model, post-processing), as exported
-    assert "DisablePrecisionConversion" in xml.read_text()  # the serialised form of the precise attribute
+    layers = list(ElementTree.parse(xml).getroot().iter("layer"))
+    marked = {layer.get("name"): layer.get("type") for layer in layers
+              if any(a.get("name") == "precise" for a in layer.iter("attribute"))}
+    convolutions = {layer.get("name") for layer in layers if layer.get("type") == "Convolution"}
+    assert "ReduceSum" in marked.values() and marked.keys() & convolutions  # tail and backbone marked
+    assert convolutions - marked.keys()  # the flow head's convolutions are left to the CPU's precision
     core = ov.Core()
     ir = core.read_model(xml)
     assert [str(dim) for dim in ir.input(0).get_partial_shape()][1:] == ["3", str(SIZE), str(SIZE)]
     assert all(output.get_partial_shape()[1:].is_static for output in ir.outputs)
     compiled = core.compile_model(ir, "CPU")
+    runtime = {}
+    for node in compiled.get_runtime_model().get_ordered_ops():
+        info = node.get_rt_info()
+        for name in info["originalLayersNames"].astype(str).split(","):
+            runtime[name] = (info["layerType"].astype(str), info["runtimePrecision"].astype(str))
+    marked_convolutions = [name for name in marked.keys() & convolutions if name in runtime]
+    assert marked_convolutions and all(runtime[name][1] == "f32" for name in marked_convolutions)
     outputs = compiled(images.numpy())
     by_name = {output.get_any_name(): outputs[output] for output in compiled.outputs}
+    np.testing.assert_allclose(by_name["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=5e-3)
     torch_map = reference.anomaly_map.numpy().reshape(4, -1)
     ir_map = by_name["anomaly_map"].reshape(4, -1).astype(np.float64)
     for index in range(4):  # per-image pixel ranking: Spearman correlation

@@ -1,24 +1,32 @@
 """Exported OpenVINO graphs that are accurate at the CPU's default precision, with no configuration.
 
-OpenVINO's CPU plugin runs a float32 IR in bfloat16 wherever the CPU has native bf16 (AVX512-BF16, AMX). That suits
-the convolutions and GEMMs of the backbone and the flow, but not the precision-critical tail: the per-position
-log-determinant (a sum of many log-scales), ``‖z‖²``, the log-likelihood (a difference of large terms), the
-exp/log aggregation over scales and the score normalisation, where an 8-bit mantissa ties and shifts scores.
+OpenVINO's CPU plugin runs a float32 IR in bfloat16 wherever the CPU has native bf16 (AVX512-BF16, AMX). Two parts
+of our graphs do not tolerate that:
 
-``keep_tail_in_float32`` marks that tail in the IR with OpenVINO's ``precise`` runtime attribute (the one that
-also keeps nodes out of FP16 compression), so every runtime that honours it keeps those nodes in float32 and lets
-everything before them run in the fast precision. The tail is found structurally: every node downstream of a
-reduction over the channel axis (``ReduceSum``/``ReduceMean`` over axis 1, i.e. the log-det and ``‖z‖²`` sums of
-each flow), plus the elementwise node feeding each such reduction. Backbones reduce over channels nowhere (global
-pooling reduces over the spatial axes, normalisations are ``MVN``), so the flow itself is never marked. The
-attribute only takes effect once serialised, so the function rewrites the IR file in place.
+- the **backbone**: a flow scores how far a feature lies from the normal features, and bf16 rounding inside the
+  backbone moves the features by a good fraction of their normal spread, which no float32 head can undo;
+- the **score tail**: the per-position log-determinant (a sum of many log-scales), ``‖z‖²``, the log-likelihood (a
+  difference of large terms), the exp/log aggregation over scales and the score normalisation.
+
+The flow head's convolutions and GEMMs between them tolerate bf16 (measured on MVTec AD bottle:
+``benchmarks/results/default_precision.md``). ``keep_precision_critical_in_float32`` therefore gives the backbone
+and the score tail OpenVINO's ``precise`` runtime attribute (``ov::DisableFP16Compression``), which the CPU plugin
+honours under bf16, and leaves the head to the CPU's fast precision. The attribute is written into the IR file as
+the typed ``<attribute name="precise" version="0"/>`` that the IR reader restores (a string entry set through the
+Python API is saved as another attribute and does nothing). Which nodes are the head comes from the ONNX file the
+IR was converted from (``onnx_graph.float_tail_names``); the head's first non-convolution nodes are marked too, so
+that the float32 region ends on nodes the plugin converts cleanly. The tail is found structurally: every node
+downstream of a reduction over the channel axis (``ReduceSum``/``ReduceMean`` over axis 1: the log-det and ``‖z‖²``
+sums of each flow), plus the elementwise node feeding each such reduction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-PRECISE_ATTRIBUTE = "precise_0"  # ov::DisableFP16Compression's runtime-info key
+PRECISE_ATTRIBUTE = {"name": "precise", "version": "0"}  # ov::DisableFP16Compression in an IR file
+UNMARKED_TYPES = ("Const", "Parameter", "Result")
 CHANNEL_REDUCTIONS = ("ReduceSum", "ReduceMean")
 ELEMENTWISE_FEEDERS = ("Power", "Multiply", "Tanh", "Add", "Subtract", "Clamp", "Sigmoid", "Exp")
 
@@ -55,20 +63,63 @@ def float32_tail(model) -> list:
     return sorted(marked.values(), key=lambda node: order.get(node.get_friendly_name(), 0))
 
 
-def keep_tail_in_float32(xml_path: str | Path) -> int:
-    """Mark the float32 tail of the IR at ``xml_path`` and rewrite it in place; returns the number of nodes marked."""
-    import openvino as ov
+def mark_precise(xml_path: str | Path, select: Callable[[str, str], bool]) -> int:
+    """Give every layer of the IR at ``xml_path`` for which ``select(name, type)`` holds the ``precise`` attribute,
+    in place; returns how many layers were marked (constants, parameters and results never are)."""
+    import xml.etree.ElementTree as ElementTree
 
     xml_path = Path(xml_path)
-    core = ov.Core()
-    model = core.read_model(xml_path)
-    tail = float32_tail(model)
-    for node in tail:
-        if node.get_type_name() not in ("Result", "Constant"):
-            node.get_rt_info()[PRECISE_ATTRIBUTE] = ""
-    temporary = xml_path.with_name(xml_path.stem + ".precise.xml")
-    ov.save_model(model, temporary, compress_to_fp16=False)
+    tree = ElementTree.parse(xml_path)
+    marked = 0
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("type") in UNMARKED_TYPES or not select(layer.get("name"), layer.get("type")):
+            continue
+        rt_info = layer.find("rt_info")
+        if rt_info is None:
+            rt_info = ElementTree.Element("rt_info")
+            layer.insert(1 if layer.find("data") is not None else 0, rt_info)
+        if not any(attribute.get("name") == PRECISE_ATTRIBUTE["name"] for attribute in rt_info):
+            ElementTree.SubElement(rt_info, "attribute", PRECISE_ATTRIBUTE)
+        marked += 1
+    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
+    return marked
+
+
+def _base_name(name: str) -> str:
+    """The ONNX node an OpenVINO op came from (``node_conv2d_3/WithoutBiases`` → ``node_conv2d_3``)."""
+    return name.split("/")[0]
+
+
+def head_entry_names(xml_path: str | Path, head: set[str]) -> set[str]:
+    """Head layers (not convolutions) fed directly by a non-constant layer outside ``head`` (ONNX base names)."""
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.parse(xml_path).getroot()
+    layers = {layer.get("id"): layer for layer in root.iter("layer")}
+    entries = set()
+    for edge in root.iter("edge"):
+        source, target = layers[edge.get("from-layer")], layers[edge.get("to-layer")]
+        if (_base_name(source.get("name")) not in head and source.get("type") != "Const"
+                and _base_name(target.get("name")) in head and target.get("type") != "Convolution"):
+            entries.add(target.get("name"))
+    return entries
+
+
+def keep_precision_critical_in_float32(xml_path: str | Path, head: set[str] | None) -> int:
+    """Mark the backbone, the head's entry nodes and the score tail of the IR at ``xml_path`` float32, in place.
+
+    ``head``: ONNX names of the flow head's nodes (``onnx_graph.float_tail_names`` of the file the IR was converted
+    from); empty or ``None``: the whole graph is marked. An IR whose backbone is quantized (``FakeQuantize`` ops,
+    ``INT8_PTQ`` / ``INT8_ACQ``) keeps its integer backbone: only the tail is marked. Returns the layers marked.
+    """
+    import openvino as ov
+
+    model = ov.Core().read_model(xml_path)
+    tail = {node.get_friendly_name() for node in float32_tail(model)}
+    quantized = any(node.get_type_name() == "FakeQuantize" for node in model.get_ops())
     del model
-    temporary.replace(xml_path)
-    temporary.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
-    return len(tail)
+    if quantized:
+        return mark_precise(xml_path, lambda name, _: name in tail)
+    head = head or set()
+    keep = tail | head_entry_names(xml_path, head)
+    return mark_precise(xml_path, lambda name, _: name in keep or _base_name(name) not in head)

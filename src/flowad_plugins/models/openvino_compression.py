@@ -16,9 +16,9 @@ compression type).
 - ``INT8_ACQ``: the same backbone INT8, with nncf's accuracy control on the *validation* split
   (``export.quantize_with_accuracy_control``; anomalib's validates on the test split).
 
-Every IR written by ``to_openvino`` (any compression) then gets its precision-critical tail marked float32
-(``export.precision.keep_tail_in_float32``), so it is accurate when compiled with no configuration on CPUs whose
-default precision is bf16.
+Every IR written by ``to_openvino`` (any compression) then gets its backbone and score tail marked float32
+(``export.precision.keep_precision_critical_in_float32``), so it is accurate when compiled with no configuration
+on CPUs whose default precision is bf16, while the flow head runs in the CPU's fast precision.
 """
 
 from __future__ import annotations
@@ -37,21 +37,30 @@ class FlowOpenVINOCompression:
         converts this very file, reads its node names from it instead of exporting the model a second time."""
         path = super().to_onnx(*args, **kwargs)
         self._converted_onnx = path
+        if getattr(self, "_exporting_openvino", False):  # the head's node names, while the ONNX file exists
+            from flowad_plugins.export.onnx_graph import backbone_conv_count, float_tail_names
+
+            input_size = kwargs.get("input_size", args[2] if len(args) > 2 else None)
+            self._flow_head_names = set(float_tail_names(path, backbone_conv_count(self, input_size)))
         return path
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
         """anomalib's export (after refusing ``INT8_PTQ`` without ``datamodule`` before any export work), then the
-        float32 tail marked in the written IR (see the module docstring)."""
+        backbone and score tail marked float32 in the written IR (see the module docstring)."""
         from flowad_plugins.export import check_to_openvino_arguments
-        from flowad_plugins.export.precision import keep_tail_in_float32
+        from flowad_plugins.export.precision import keep_precision_critical_in_float32
 
         check_to_openvino_arguments(*args, **kwargs)
+        self._exporting_openvino, self._flow_head_names = True, None
         try:
             path = super().to_openvino(*args, **kwargs)
+            head = self._flow_head_names
         finally:
             self._converted_onnx = None  # its temporary folder is gone
-        marked = keep_tail_in_float32(path)
-        logger.info("%s: %d nodes of the exported graph's score tail kept in float32.", type(self).__name__, marked)
+            self._exporting_openvino, self._flow_head_names = False, None
+        marked = keep_precision_critical_in_float32(path, head)
+        logger.info("%s: %d nodes of the exported graph (backbone and score tail) kept in float32.",
+                    type(self).__name__, marked)
         return path
 
     def _compress_ov_model(self, model: Any, compression_type: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,197 @@
+"""Each model's exported IR compiled with no configuration at all, against torch FP32: accuracy and latency.
+
+For each checkpoint the model is exported with its own ``to_openvino`` (fixed input size; the backbone and the score
+tail marked float32 as ``flowad_plugins.export.precision`` does) and, for comparison, the same IR with those marks
+removed (every IR before the marking). Each IR is compiled in a **fresh process** per precision (one compiled model
+per process: the measurement cannot depend on what else was compiled before it), with no configuration
+(``core.compile_model(xml, "CPU")``, the CPU plugin's default: bf16 on CPUs with AVX512-BF16/AMX) and with
+``INFERENCE_PRECISION_HINT=f32``, and runs the whole test set (images resized as the pre-processor does). Rows: image
+and pixel AUROC and their difference from torch FP32, max |Δscore|, labels that differ from torch. Latency: batch 1
+and batch 8, median over interleaved rounds (all variants compiled in one process, the order reversed every round).
+
+    python benchmarks/default_precision.py --ckpt CflowAD=cflow.ckpt FastFlow=fastflow.ckpt CSFlow=csflow.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import torch
+from anomalib.data import MVTecAD
+from export_parity import batched, evaluate, load_test_set
+from harness.machine import cpu_model, isa_flags
+from harness.timing import interleaved_wall_times
+
+import flowad_plugins
+
+TOLERANCE = 0.005  # |Δ image AUROC| and |Δ pixel AUROC| against torch FP32
+VARIANTS = (("marked", "default"), ("marked", "f32"), ("unmarked", "default"))
+PRECISION_NAMES = {"<Type: 'bfloat16'>": "bf16", "<Type: 'float32'>": "f32", "<Type: 'float16'>": "f16"}
+
+
+def unmarked_copy(xml: Path, target: Path) -> None:
+    """``xml`` without its ``precise`` attributes, next to the same weights."""
+    tree = ElementTree.parse(xml)
+    for rt_info in tree.getroot().iter("rt_info"):
+        for attribute in [a for a in rt_info if a.get("name") == "precise"]:
+            rt_info.remove(attribute)
+    tree.write(target, encoding="utf-8", xml_declaration=True)
+    target.with_suffix(".bin").write_bytes(xml.with_suffix(".bin").read_bytes())
+
+
+def compile_config(hint: str) -> dict[str, str]:
+    return {} if hint == "default" else {"INFERENCE_PRECISION_HINT": hint}
+
+
+def worker(xml: str, hint: str, images_path: str, out: str) -> None:
+    """One compiled model in this process: outputs of every image of ``images_path`` (``.npy``) to ``out``."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(xml, "CPU", compile_config(hint))
+    request = compiled.create_infer_request()
+    images = torch.from_numpy(np.load(images_path))
+
+    def run(x: torch.Tensor) -> dict[str, np.ndarray]:
+        result = request.infer({0: x.numpy()})
+        return {port.any_name: np.array(result[port], copy=True) for port in compiled.outputs}
+
+    outputs = batched(run, images, 8)
+    np.savez(out, **outputs, effective_precision=str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+
+
+def latencies_ms(xmls: dict[str, Path], images: torch.Tensor, threads: int, repeats: int) -> dict[str, dict]:
+    """Median ms per call of every ``(variant, hint)`` at batch 1 and 8, interleaved."""
+    import openvino as ov
+
+    core = ov.Core()
+    result: dict[str, dict] = {}
+    for batch in (1, 8):
+        x = images[:batch].numpy()
+        calls, names = [], []
+        for variant, hint in VARIANTS:
+            config = {**compile_config(hint), "INFERENCE_NUM_THREADS": str(threads)}
+            request = core.compile_model(xmls[variant], "CPU", config).create_infer_request()
+            calls.append(lambda request=request, x=x: request.infer({0: x}))
+            names.append(f"{variant}/{hint}")
+        for name, times in zip(names, interleaved_wall_times(calls, repeats=repeats, warmup=3), strict=True):
+            result.setdefault(name, {})[f"latency_ms_b{batch}"] = round(1000 * statistics.median(times), 2)
+    return result
+
+
+def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
+    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    model = model.eval()
+    size = int(model.pre_processor.transform.transforms[0].size[0]) if args.image_size is None else args.image_size
+    images, masks, labels = load_test_set(MVTecAD(root=args.root, category=args.category), size)
+    with torch.no_grad():
+        reference = batched(lambda x: {k: v.numpy() for k, v in model(x)._asdict().items() if v is not None},
+                            images, 8)
+    rows = [{"variant": "torch", "precision": "fp32", **evaluate(reference, None, masks, labels)}]
+    with TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        xmls = {"marked": Path(model.to_openvino(folder / "marked", input_size=(size, size)))}
+        xmls["unmarked"] = folder / "unmarked.xml"
+        unmarked_copy(xmls["marked"], xmls["unmarked"])
+        np.save(folder / "images.npy", images.numpy())
+        for variant, hint in VARIANTS:
+            out = folder / f"{variant}_{hint}.npz"
+            subprocess.run([sys.executable, __file__, "--worker", str(xmls[variant]), hint,
+                            str(folder / "images.npy"), str(out)], check=True)
+            stored = dict(np.load(out))
+            precision = str(stored.pop("effective_precision"))
+            row = {"variant": variant, "precision": hint, "effective_precision": precision,
+                   **evaluate(stored, reference, masks, labels)}
+            row["image_AUROC_delta"] = round(row["image_AUROC"] - rows[0]["image_AUROC"], 5)
+            row["pixel_AUROC_delta"] = round(row["pixel_AUROC"] - rows[0]["pixel_AUROC"], 5)
+            row["passes"] = bool(abs(row["image_AUROC_delta"]) <= TOLERANCE
+                                 and abs(row["pixel_AUROC_delta"]) <= TOLERANCE)
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
+        timings = latencies_ms(xmls, images, args.threads, args.repeats)
+    for row in rows[1:]:
+        row.update(timings[f"{row['variant']}/{row['precision']}"])
+    return {"model": name, "checkpoint": str(checkpoint), "image_size": size, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    machine = result["machine"]
+    flags = ", ".join(flag for flag, present in machine["isa_flags"].items() if present) or "none"
+    lines = [
+        f"# Exported IR at the CPU's default precision vs torch FP32 (MVTec AD {result['category']}, test set)",
+        "",
+        f"Machine: {machine['cpu']} (ISA: {flags}), {machine['threads']} threads, OpenVINO {machine['openvino']}.",
+        f"Command: `{result['command']}`",
+        "",
+        "`marked` = the IR as `to_openvino` writes it (backbone and score tail float32, flow head in the CPU's fast "
+        "precision); `unmarked` = the same IR without the marks. `default` = compiled with no configuration; `f32` "
+        f"= `INFERENCE_PRECISION_HINT=f32`. Pass: |Δ image AUROC| and |Δ pixel AUROC| ≤ {TOLERANCE} against torch.",
+        "",
+        "| model | px | IR | compiled | image AUROC (Δ) | pixel AUROC (Δ) | max \\|Δscore\\| | labels ≠ | pass | "
+        "ms b1 | ms b8 |",
+        "|---|---:|---|---|---:|---:|---:|---:|:-:|---:|---:|",
+    ]
+    for model in result["models"]:
+        for row in model["rows"]:
+            if row["variant"] == "torch":
+                lines.append(f"| {model['model']} | {model['image_size']} | torch | fp32 | {row['image_AUROC']:.4f} "
+                             f"| {row['pixel_AUROC']:.4f} | – | – | – | – | – |")
+                continue
+            effective = PRECISION_NAMES.get(row["effective_precision"], row["effective_precision"])
+            lines.append(
+                f"| {model['model']} | {model['image_size']} | {row['variant']} | {row['precision']} ({effective}) | "
+                f"{row['image_AUROC']:.4f} ({row['image_AUROC_delta']:+.4f}) | "
+                f"{row['pixel_AUROC']:.4f} ({row['pixel_AUROC_delta']:+.4f}) | {row['score_max_abs']:.4f} | "
+                f"{row['label_differences']} | {'✓' if row['passes'] else '✗'} | {row['latency_ms_b1']} | "
+                f"{row['latency_ms_b8']} |")
+    lines += ["", "Checkpoints: " + "; ".join(f"{m['model']} `{Path(m['checkpoint']).name}`"
+                                             for m in result["models"]) + ". " + result.get("note", ""), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:6])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", nargs="+", default=[], help="Model=path/to/model.ckpt (CflowAD, FastFlow, CSFlow)")
+    parser.add_argument("--root", default="../shared/data/mvtec_ad")
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's own input size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_precision"))
+    parser.add_argument("--note", default="", help="how the checkpoints were made (written under the table)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the existing --out .json")
+    args = parser.parse_args()
+    if args.report_only:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        result["note"] = args.note or result.get("note", "")
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(markdown(result))
+        return
+    if not args.ckpt:
+        parser.error("--ckpt Model=path ... is required (unless --report-only)")
+    import openvino
+
+    command = "python benchmarks/default_precision.py " + " ".join(
+        f"--ckpt {' '.join(f'{k}={Path(v).name}' for k, v in (c.split('=', 1) for c in args.ckpt))}".split())
+    result = {"category": args.category, "command": command, "note": args.note,
+              "machine": {"cpu": cpu_model(), "isa_flags": isa_flags(), "threads": args.threads,
+                          "openvino": openvino.__version__},
+              "models": [run_model(*spec.split("=", 1), args) for spec in args.ckpt]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
