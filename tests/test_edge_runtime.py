@@ -113,12 +113,13 @@ def test_predicts_without_torch_and_matches_the_torch_model(exported, synthetic_
     (folder / "truncated.png").write_bytes(test_images[0].read_bytes()[:120])
     out = tmp_path / "results ü"
 
-    result = _run(ir_path, [folder], out, "--batch-size", "3")
+    result = _run(ir_path, [folder], out, "--batch-size", "3", "--precision", "f32")  # float32: exact parity
     assert result.returncode == 0, result.stderr[-3000:]
     for bad in ("empty.png", "truncated.png"):
         assert f"warning: skipped {folder / bad}" in result.stderr, result.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert summary["complete"] and summary["input_size"] == [128, 128]
+    assert summary["precision"] == "f32"
     assert sorted(Path(item["path"]).name for item in summary["skipped"]) == ["empty.png", "truncated.png"]
     assert "F1-optimal" in summary["threshold"]["description"]  # read from the IR's threshold metadata
     expected = {**originals, **{f"variants/{name}": image for name, image in variants.items()}}
@@ -138,6 +139,20 @@ def test_predicts_without_torch_and_matches_the_torch_model(exported, synthetic_
         overlay = Image.open(record["overlay"])
         assert overlay.mode == "RGB" and overlay.size == (128, 128)
     assert len({r["overlay"] for r in summary["results"]}) == len(records)
+
+
+def test_auto_precision_is_the_default_only_for_marked_irs(exported, tmp_path: Path) -> None:
+    """``precision="auto"``: the CPU's default for an IR with float32 marks, float32 for one without (or ONNX)."""
+    from flowad_plugins.edge.runtime import resolve_precision
+
+    ir_path, _ = exported
+    unmarked = tmp_path / "unmarked.xml"
+    unmarked.write_text(ir_path.read_text(encoding="utf-8").replace('name="precise"', 'name="other"'),
+                        encoding="utf-8")
+    assert resolve_precision(ir_path, "auto") == "default"
+    assert resolve_precision(unmarked, "auto") == "f32"
+    assert resolve_precision(tmp_path / "model.onnx", "auto") == "f32"
+    assert resolve_precision(ir_path, "f32") == "f32"
 
 
 def test_explicit_threshold_and_bad_arguments(exported, synthetic_root: Path, tmp_path: Path) -> None:

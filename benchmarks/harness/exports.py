@@ -1,8 +1,9 @@
 """The export task of one benchmark model: files per format, for the whole model and for its backbone alone.
 
-Whole model: torch state dict, ONNX through anomalib's ``to_onnx``, OpenVINO IR converted from that file as anomalib's
-``to_openvino`` does (FP32; FP16 = ``compress_to_fp16``), INT8 through ``to_openvino(compression_type=INT8_PTQ)``
-itself (so a model's own calibration applies). Backbone alone (``harness.models.backbone_of``: pre-processing and
+Whole model: torch state dict, ONNX through anomalib's ``to_onnx``, OpenVINO IR through the model's own
+``to_openvino`` (FP32; FP16 = ``compression_type=FP16``; INT8 = ``compression_type=INT8_PTQ``), so each model's IR is
+the one its users get (ours: with the float32 marks of ``flowad_plugins.export.precision``) and its own calibration
+applies. Backbone alone (``harness.models.backbone_of``: pre-processing and
 the frozen backbone up to the model's layers): ONNX (torch's exporter), IR from it, INT8 = ``nncf.quantize`` on
 the same calibration images. Multiply-adds per image (``torch.utils.flop_counter``, batch 1) for both.
 """
@@ -99,9 +100,16 @@ def export_whole_model(model: Any, task: dict[str, Any], out_dir: Path, formats:
         attempt("torch", save_state_dict)
     if any(file_format != "torch" for file_format in formats):
         attempt("onnx", lambda: model.to_onnx(out_dir / "onnx", input_size=(size, size)))
-    _openvino_formats(attempt, formats, out_dir, task, int8=lambda: model.to_openvino(
-        out_dir / "openvino-int8", input_size=(size, size), compression_type=_int8_ptq(),
-        datamodule=calibration_datamodule(task)))
+    def own_export(file_format: str) -> Path:
+        from anomalib.deploy import CompressionType
+
+        if file_format == "openvino-int8":
+            return model.to_openvino(out_dir / file_format, input_size=(size, size), compression_type=_int8_ptq(),
+                                     datamodule=calibration_datamodule(task))
+        compression = CompressionType.FP16 if file_format == "openvino-fp16" else None
+        return model.to_openvino(out_dir / file_format, input_size=(size, size), compression_type=compression)
+
+    _openvino_formats(attempt, formats, own_export)
     return attempt.record
 
 
@@ -132,7 +140,18 @@ def export_backbone(backbone: Any, task: dict[str, Any], out_dir: Path, formats:
 
     if any(file_format not in ("torch",) for file_format in formats):
         attempt("onnx", export_onnx)
-    _openvino_formats(attempt, [f for f in formats if f != "torch"], out_dir, task, int8=export_int8)
+    def convert(file_format: str) -> Path:
+        import openvino as ov
+
+        if file_format == "openvino-int8":
+            return export_int8()
+        path = out_dir / file_format / "model.xml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov.convert_model(attempt.record["files"]["onnx"]), path,
+                      compress_to_fp16=file_format == "openvino-fp16")
+        return path
+
+    _openvino_formats(attempt, [f for f in formats if f != "torch"], convert)
     return attempt.record
 
 
@@ -142,28 +161,14 @@ def _int8_ptq() -> Any:
     return CompressionType.INT8_PTQ
 
 
-def _openvino_formats(attempt: Attempts, formats: list[str], out_dir: Path, task: dict[str, Any],
-                      int8: Callable[[], Path]) -> None:
-    """IR files converted from the ONNX file (FP32, FP16) and the INT8 one ``int8()`` writes."""
-    onnx_path = attempt.record["files"].get("onnx")
+def _openvino_formats(attempt: Attempts, formats: list[str], convert: Callable[[str], Path]) -> None:
+    """Every OpenVINO format of ``formats`` written by ``convert(format)``, once the ONNX export succeeded."""
     for file_format in [f for f in formats if f.startswith("openvino")]:
-        if onnx_path is None:
+        if attempt.record["files"].get("onnx") is None:
             reason = attempt.record["errors"].get("onnx", "not exported")
             attempt.record["errors"][file_format] = f"no ONNX model to convert ({reason})"
             continue
-
-        def convert(file_format: str = file_format) -> Path:
-            import openvino as ov
-
-            if file_format == "openvino-int8":
-                return int8()
-            path = out_dir / file_format / "model.xml"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ov.save_model(ov.convert_model(onnx_path), path, compress_to_fp16=file_format == "openvino-fp16")
-            return path
-
-        attempt(file_format, convert)
-    del task
+        attempt(file_format, lambda file_format=file_format: convert(file_format))
 
 
 def run_export(task: dict[str, Any]) -> dict[str, Any]:

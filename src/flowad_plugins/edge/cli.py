@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="model: the exported threshold; f1: the F1-optimal one from the IR's threshold metadata")
     parser.add_argument("--threshold", type=float, default=None,
                         help="explicit image threshold on the normalised score in (0, 1); 0.5 = the model's")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="f32", help="inference precision on CPU")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
+                        help="auto: the CPU's default for our marked IRs, float32 otherwise (default: %(default)s)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
     parser.add_argument("--num-threads", type=int, default=None, help="CPU inference threads")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlay PNGs")

@@ -19,10 +19,22 @@ import numpy as np
 
 from flowad_plugins.edge.thresholds import Threshold, choose_threshold, read_metadata
 
-PRECISIONS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}}
+PRECISIONS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}, "auto": {}}
+FLOAT32_MARK = 'name="precise"'  # the IR attribute our exports give the layers that must stay float32
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
 
-__all__ = ["PRECISIONS", "EdgeModel", "Prediction", "classify"]
+__all__ = ["PRECISIONS", "EdgeModel", "Prediction", "classify", "resolve_precision"]
+
+
+def resolve_precision(path: Path, precision: str) -> str:
+    """``"auto"``: ``"default"`` for an IR whose precision-critical layers are marked float32 (every IR our
+    ``to_openvino`` writes: accurate and faster at the CPU's default precision), else ``"f32"`` (an older or
+    foreign IR, or ONNX). Other values are returned unchanged."""
+    if precision != "auto":
+        return precision
+    if path.suffix.lower() == ".xml" and FLOAT32_MARK in path.read_text(encoding="utf-8", errors="ignore"):
+        return "default"
+    return "f32"
 
 
 def classify(score: float, anomaly_map: np.ndarray, threshold: float) -> tuple[bool, str]:
@@ -52,13 +64,14 @@ class EdgeModel:
     Args:
         path: the IR's ``model.xml`` (``model.bin`` next to it) or an ``.onnx`` file.
         device: OpenVINO device, e.g. ``"CPU"``.
-        precision: ``"f32"`` (float32 on CPU, as the torch model computes) or ``"default"`` (the plugin's choice,
-            bf16 on CPUs with AMX/AVX512-BF16).
+        precision: ``"auto"`` (``resolve_precision``: the CPU's default for IRs marked as our exports are, else
+            float32), ``"f32"`` (float32 on CPU, as the torch model computes) or ``"default"`` (the plugin's
+            choice, bf16 on CPUs with AMX/AVX512-BF16).
         threshold: image threshold on the normalised score; default: the model's (``choose_threshold``).
         num_threads: CPU inference threads (``None``: OpenVINO's default).
     """
 
-    def __init__(self, path: str | Path, device: str = "CPU", precision: str = "f32",
+    def __init__(self, path: str | Path, device: str = "CPU", precision: str = "auto",
                  threshold: Threshold | None = None, num_threads: int | None = None) -> None:
         import openvino as ov
 
@@ -69,7 +82,8 @@ class EdgeModel:
         if precision not in PRECISIONS:
             msg = f"precision={precision!r} is not supported; allowed values: {sorted(PRECISIONS)}."
             raise ValueError(msg)
-        config = dict(PRECISIONS[precision])
+        self.precision = resolve_precision(self.path, precision)
+        config = dict(PRECISIONS[self.precision])
         if num_threads is not None:
             if isinstance(num_threads, bool) or int(num_threads) != num_threads or num_threads < 1:
                 msg = f"num_threads must be a positive integer or None; got {num_threads!r}."
@@ -149,6 +163,7 @@ class EdgeModel:
         return results
 
     def describe(self) -> dict[str, Any]:
-        """Plain data about the model: path, input size, static batch, threshold."""
+        """Plain data about the model: path, input size, static batch, precision, threshold."""
         return {"model": str(self.path), "input_size": list(self.input_size) if self.input_size else None,
-                "static_batch": self.static_batch, "threshold": self.threshold.as_dict()}
+                "static_batch": self.static_batch, "precision": self.precision,
+                "threshold": self.threshold.as_dict()}

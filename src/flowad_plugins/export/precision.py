@@ -85,6 +85,18 @@ def mark_precise(xml_path: str | Path, select: Callable[[str, str], bool]) -> in
     return marked
 
 
+def marked_layer_names(xml_path: str | Path) -> set[str]:
+    """Names of the layers of the IR at ``xml_path`` that carry the ``precise`` attribute.
+
+    ``ov.save_model`` writes a read-in ``precise`` attribute back as an fp16-only one that no longer keeps bf16 away,
+    so code that re-saves one of our IRs takes these names before and marks them again after (``mark_precise``).
+    """
+    import xml.etree.ElementTree as ElementTree
+
+    return {layer.get("name") for layer in ElementTree.parse(xml_path).getroot().iter("layer")
+            if any(attribute.get("name") == PRECISE_ATTRIBUTE["name"] for attribute in layer.iter("attribute"))}
+
+
 def _base_name(name: str) -> str:
     """The ONNX node an OpenVINO op came from (``node_conv2d_3/WithoutBiases`` → ``node_conv2d_3``)."""
     return name.split("/")[0]

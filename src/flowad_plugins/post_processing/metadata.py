@@ -37,6 +37,9 @@ def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostPr
     elif path.suffix == ".xml":
         import openvino as ov
 
+        from flowad_plugins.export.precision import mark_precise, marked_layer_names
+
+        float32_layers = marked_layer_names(path)  # a re-save would weaken these marks: they are written again
         model = ov.Core().read_model(str(path))
         model.set_rt_info(payload, [METADATA_KEY])
         with tempfile.TemporaryDirectory() as folder:
@@ -45,6 +48,7 @@ def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostPr
             del model
             shutil.move(staged, path)
             shutil.move(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        mark_precise(path, lambda name, _: name in float32_layers)
     else:
         msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
         raise ValueError(msg)
