@@ -118,7 +118,7 @@ def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
         timings = latencies_ms(xmls, images, args.threads, args.repeats)
     for row in rows[1:]:
         row.update(timings[f"{row['variant']}/{row['precision']}"])
-    return {"model": name, "checkpoint": str(checkpoint), "image_size": size, "rows": rows}
+    return {"model": name, "checkpoint": Path(checkpoint).name, "image_size": size, "rows": rows}
 
 
 def markdown(result: dict) -> str:
