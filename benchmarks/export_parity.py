@@ -124,7 +124,7 @@ def openvino_variant(model, onnx_path: Path, variant: str, datamodule: MVTecAD, 
     """
     import openvino as ov
 
-    from flowad_plugins.export.onnx_graph import backbone_conv_count, float_tail_names
+    from flowad_plugins.export.onnx_graph import flow_head_names
     from flowad_plugins.export.precision import keep_precision_critical_in_float32
 
     ov_model = ov.convert_model(onnx_path)
@@ -135,8 +135,7 @@ def openvino_variant(model, onnx_path: Path, variant: str, datamodule: MVTecAD, 
     ov.save_model(ov_model, path, compress_to_fp16=variant == "fp16")
     # as to_openvino does: backbone and score tail stay float32 at the CPU's default precision
     size = ov_model.input(0).get_partial_shape()[2:]
-    head = float_tail_names(onnx_path, backbone_conv_count(model, [int(str(side)) for side in size]))
-    keep_precision_critical_in_float32(path, set(head))
+    keep_precision_critical_in_float32(path, flow_head_names(model, onnx_path, [int(str(side)) for side in size]))
 
 
 def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:

@@ -62,6 +62,11 @@ def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, st
     return {node.name: node.op_type for node in nodes[boundary + 1 :] if node.name in depends_on_input}
 
 
+def flow_head_names(module: AnomalibModule, onnx_path: str | Path, input_size: Sequence[int] | None = None) -> set[str]:
+    """ONNX names of the flow head's nodes (everything image-dependent after the backbone) of ``module``'s export."""
+    return set(float_tail_names(onnx_path, backbone_conv_count(module, input_size)))
+
+
 def backbone_only_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_convs: int) -> Any:
     """``nncf.IgnoredScope`` keeping every op of ``ov_model`` that comes after the backbone in float.
 

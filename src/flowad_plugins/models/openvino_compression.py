@@ -38,10 +38,10 @@ class FlowOpenVINOCompression:
         path = super().to_onnx(*args, **kwargs)
         self._converted_onnx = path
         if getattr(self, "_exporting_openvino", False):  # the head's node names, while the ONNX file exists
-            from flowad_plugins.export.onnx_graph import backbone_conv_count, float_tail_names
+            from flowad_plugins.export.onnx_graph import flow_head_names
 
-            input_size = kwargs.get("input_size", args[2] if len(args) > 2 else None)
-            self._flow_head_names = set(float_tail_names(path, backbone_conv_count(self, input_size)))
+            self._flow_head_names = flow_head_names(self, path, kwargs.get("input_size", args[2] if len(args) > 2
+                                                                             else None))
         return path
 
     def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
