@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ("contract_fixtures",)  # the contract modules' shared fixtures
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA_ROOT = REPO.parent / "shared" / "data" / "mvtec_ad"
 

@@ -1,0 +1,132 @@
+r"""Rank candidates on a validation split of small, subtle defects (``flowad_plugins.data.local_defects``).
+
+anomalib's synthetic validation blobs are large; every model separates them almost perfectly, and the ranking they
+give did not carry over to tire's real defects (``image_score_selection.md``). Here the normal images of the same
+validation split (20 % of train/good, seed 0; never the test split) get local defects (a transplanted
+patch, a soft spot or a short scratch, 2–12 % of the shorter side), so the split holds every held-out normal image
+once as normal and once with each kind of defect. Each model is scored with the same candidates as
+``select_image_score.py`` (image AUROC per image score; pixel AUROC of the map).
+
+A model is either trained (shipped config, ``--init key=value`` overrides, ``--max-minutes`` of training) or
+loaded from ``--checkpoints DIR/<model>_<category>.ckpt`` (e.g. the ones ``select_image_score.py
+--save-checkpoints`` wrote). Rows are appended to ``--out`` (``.json`` and ``.md``) under ``--tag``::
+
+    OMP_NUM_THREADS=2 python benchmarks/local_defect_validation.py --checkpoints CKPT_DIR --tag shipped
+    OMP_NUM_THREADS=2 python benchmarks/local_defect_validation.py --models CSFlow --init layer=blocks.2 \
+        --tag csflow_blocks2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from tempfile import mkdtemp
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import yaml
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.machine import cpu_model
+from select_image_score import CONFIGS, RESULTS, analyse, datamodule, shipped_model, unsmoothed_maps
+
+from flowad_plugins.data.local_defects import KINDS, add_local_defect
+
+
+def local_defect_batches(data, batch_size: int, seed: int = 0) -> list[SimpleNamespace]:
+    """Batches (``image``, ``gt_label``, ``gt_mask``) of the validation split's normal images, each once as is and
+    once with each kind of local defect (donor: the next normal image)."""
+    normals = [item.image for item in data.val_data if int(item.gt_label) == 0]
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index, image in enumerate(normals):
+        image = image.as_subclass(torch.Tensor).float()
+        donor = normals[(index + 1) % len(normals)].as_subclass(torch.Tensor).float()
+        samples.append((image, 0, torch.zeros(image.shape[-2:], dtype=torch.bool)))
+        for kind in KINDS:
+            defective, mask = add_local_defect(image, donor, rng, kind)
+            samples.append((defective, 1, mask))
+    return [SimpleNamespace(image=torch.stack([s[0] for s in chunk]), gt_label=torch.tensor([s[1] for s in chunk]),
+                            gt_mask=torch.stack([s[2] for s in chunk]))
+            for chunk in (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))]
+
+
+def prepared_model(name: str, category: str, init: dict, checkpoints: Path | None, max_minutes: float,
+                   batch_size: int):
+    """The model (trained now, or loaded), its datamodule, and a record of how it was made."""
+    seed_everything(0, workers=True)
+    model, epochs = shipped_model(name)
+    if init:
+        config = yaml.safe_load((RESULTS.parents[1] / "configs" / CONFIGS[name]).read_text())["model"]["init_args"]
+        model = type(model)(**{**{k: v for k, v in config.items() if k != "seed"}, **init})
+    data = datamodule(category, batch_size)
+    data.prepare_data()
+    data.setup("fit")
+    if checkpoints is not None:
+        state = torch.load(checkpoints / f"{name}_{category}.ckpt", map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v for k, v in state["state_dict"].items() if ".position_" not in k})
+        return model, data, {"source": "checkpoint"}
+    engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=True,
+                    default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes}, num_sanity_val_steps=0)
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=data)
+    return model, data, {"source": "trained", "epochs_run": engine.trainer.current_epoch, "epochs_config": epochs,
+                         "train_seconds": round(time.perf_counter() - start, 1)}
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    candidates = ["max", "smoothed_max_s4", "top_mean_0.01", "position_z_max"]
+    lines = ["# Candidates on the local-defect validation split (never test)", "",
+             f"`{command}` (one command per tag: see each row's `command` in the JSON); machine: {cpu_model()}.", "",
+             "| tag | model | category | val images (normal / defective) | image AUROC: " + " / ".join(candidates)
+             + " | pixel AUROC map |", "|---|---|---|---|---|---:|"]
+    for row in rows:
+        image = " / ".join(f"{row['val_image_AUROC'][c]:.3f}" for c in candidates)
+        count = row["val_images"]
+        lines.append(f"| {row['tag']} | {row['model']} | {row['category']} | {count['normal']} / "
+                     f"{count['anomalous']} | {image} | {row['val_pixel_AUROC'].get('map', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--categories", nargs="+", default=["bottle", "tire", "generated"],
+                        choices=["bottle", "tire", "generated"])
+    parser.add_argument("--checkpoints", type=Path, default=None, help="load DIR/<model>_<category>.ckpt")
+    parser.add_argument("--init", nargs="*", default=[], help="model overrides key=value (YAML values)")
+    parser.add_argument("--max-minutes", type=float, default=5.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--out", type=Path, default=RESULTS / "local_defect_validation")
+    args = parser.parse_args()
+    init = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.init)}
+    shown = [a if args.checkpoints is None or a != str(args.checkpoints) else "CKPT_DIR" for a in sys.argv[1:]]
+    command = "python benchmarks/local_defect_validation.py " + " ".join(shown)
+    path = args.out.with_suffix(".json")
+    rows = json.loads(path.read_text())["results"] if path.is_file() else []
+    for category in args.categories:
+        for name in args.models:
+            if any(r["tag"] == args.tag and r["model"] == name and r["category"] == category for r in rows):
+                continue
+            print(f"== {args.tag}: {name} on {category}", flush=True)
+            model, data, made = prepared_model(name, category, init, args.checkpoints, args.max_minutes,
+                                               args.batch_size)
+            train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
+            maps, labels, masks = unsmoothed_maps(model, local_defect_batches(data, args.batch_size))
+            rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,
+                         **made, **analyse(train_maps, maps, labels, masks)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"machine": cpu_model(), "results": rows}, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(rows, command))
+    print(markdown(rows, command))
+
+
+if __name__ == "__main__":
+    main()
