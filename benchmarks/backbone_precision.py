@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import flowad_plugins
 from flowad_plugins.export.onnx_graph import flow_head_names
-from flowad_plugins.export.precision import _base_name, float32_tail, head_entry_names, mark_precise
+from flowad_plugins.export.precision import float32_tail, head_entry_names, mark_precise, onnx_base_name
 
 CONVOLUTIONS = ("Convolution", "GroupConvolution")
 
@@ -45,7 +45,7 @@ def backbone_conv_index(xml: Path, head: set[str]) -> dict[str, int]:
     index, count = {}, 0
     for op in ov.Core().read_model(xml).get_ordered_ops():
         name = op.get_friendly_name()
-        if _base_name(name) in head:
+        if onnx_base_name(name) in head:
             continue
         count += op.get_type_name() in CONVOLUTIONS
         index[name] = max(count - 1, 0)
@@ -111,7 +111,7 @@ def main() -> None:
             xml = folder / f"float32_prefix_{prefix}.xml"
             unmarked_copy(shipped, xml)
             mark_precise(xml, lambda name, _, limit=limit: name in keep or (
-                _base_name(name) not in head and conv_index.get(name, limit) < limit))
+                onnx_base_name(name) not in head and conv_index.get(name, limit) < limit))
             on_normal = outputs(xml, folder / "normal.npy", folder)
             delta = np.abs(on_normal["pred_score"].reshape(-1) - reference_normal["pred_score"].reshape(-1))
             on_test = evaluate(outputs(xml, folder / "test.npy", folder), reference_test, masks, labels)

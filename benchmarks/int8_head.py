@@ -33,7 +33,7 @@ from harness.timing import interleaved_wall_times
 
 import flowad_plugins
 from flowad_plugins.export.onnx_graph import flow_head_names
-from flowad_plugins.export.precision import _base_name, float32_tail, head_entry_names, mark_precise
+from flowad_plugins.export.precision import float32_tail, head_entry_names, mark_precise, onnx_base_name
 
 CONVOLUTION_CASES = ((1, 128, 32), (3, 128, 32), (1, 40, 32), (3, 64, 64))  # kernel, channels, map side
 
@@ -47,12 +47,13 @@ def quantize_head(xml: Path, head: set[str], calibration: list[np.ndarray], targ
     model = ov.Core().read_model(xml)
     tail = {node.get_friendly_name() for node in float32_tail(model)}
     ignored = sorted(op.get_friendly_name() for op in model.get_ops()
-                     if _base_name(op.get_friendly_name()) not in head or op.get_friendly_name() in tail)
+                     if onnx_base_name(op.get_friendly_name()) not in head or op.get_friendly_name() in tail)
     quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
                               ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
     ov.save_model(quantized, target, compress_to_fp16=False)
     keep = tail | head_entry_names(target, head)
-    mark_precise(target, lambda name, kind: kind != "FakeQuantize" and (name in keep or _base_name(name) not in head))
+    mark_precise(target, lambda name, kind: kind != "FakeQuantize"
+                 and (name in keep or onnx_base_name(name) not in head))
     return sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
 
 

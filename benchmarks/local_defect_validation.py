@@ -58,7 +58,7 @@ def local_defect_batches(data, batch_size: int, seed: int = 0) -> list[SimpleNam
 
 
 def prepared_model(name: str, category: str, init: dict, checkpoints: Path | None, max_minutes: float,
-                   batch_size: int):
+                   batch_size: int, save_to: Path | None = None):
     """The model (trained now, or loaded), its datamodule, and a record of how it was made."""
     seed_everything(0, workers=True)
     model, epochs = shipped_model(name)
@@ -76,6 +76,9 @@ def prepared_model(name: str, category: str, init: dict, checkpoints: Path | Non
                     default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes}, num_sanity_val_steps=0)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=data)
+    if save_to is not None:  # for a test read-out of the chosen candidate without training again
+        save_to.mkdir(parents=True, exist_ok=True)
+        engine.trainer.save_checkpoint(save_to / f"{name}_{category}.ckpt")
     return model, data, {"source": "trained", "epochs_run": engine.trainer.current_epoch, "epochs_config": epochs,
                          "train_seconds": round(time.perf_counter() - start, 1)}
 
@@ -103,11 +106,13 @@ def main() -> None:
     parser.add_argument("--init", nargs="*", default=[], help="model overrides key=value (YAML values)")
     parser.add_argument("--max-minutes", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--save-checkpoints", type=Path, default=None, help="folder for trained checkpoints")
     parser.add_argument("--tag", required=True)
     parser.add_argument("--out", type=Path, default=RESULTS / "local_defect_validation")
     args = parser.parse_args()
     init = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.init)}
-    shown = [a if args.checkpoints is None or a != str(args.checkpoints) else "CKPT_DIR" for a in sys.argv[1:]]
+    local = {str(args.checkpoints), str(args.save_checkpoints)}  # local folders: not part of the result
+    shown = ["DIR" if a in local else a for a in sys.argv[1:]]
     command = "python benchmarks/local_defect_validation.py " + " ".join(shown)
     path = args.out.with_suffix(".json")
     rows = json.loads(path.read_text())["results"] if path.is_file() else []
@@ -117,7 +122,7 @@ def main() -> None:
                 continue
             print(f"== {args.tag}: {name} on {category}", flush=True)
             model, data, made = prepared_model(name, category, init, args.checkpoints, args.max_minutes,
-                                               args.batch_size)
+                                               args.batch_size, args.save_checkpoints)
             train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
             maps, labels, masks = unsmoothed_maps(model, local_defect_batches(data, args.batch_size))
             rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,

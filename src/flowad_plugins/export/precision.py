@@ -97,7 +97,7 @@ def marked_layer_names(xml_path: str | Path) -> set[str]:
             if any(attribute.get("name") == PRECISE_ATTRIBUTE["name"] for attribute in layer.iter("attribute"))}
 
 
-def _base_name(name: str) -> str:
+def onnx_base_name(name: str) -> str:
     """The ONNX node an OpenVINO op came from (``node_conv2d_3/WithoutBiases`` → ``node_conv2d_3``)."""
     return name.split("/")[0]
 
@@ -111,8 +111,8 @@ def head_entry_names(xml_path: str | Path, head: set[str]) -> set[str]:
     entries = set()
     for edge in root.iter("edge"):
         source, target = layers[edge.get("from-layer")], layers[edge.get("to-layer")]
-        if (_base_name(source.get("name")) not in head and source.get("type") != "Const"
-                and _base_name(target.get("name")) in head and target.get("type") != "Convolution"):
+        if (onnx_base_name(source.get("name")) not in head and source.get("type") != "Const"
+                and onnx_base_name(target.get("name")) in head and target.get("type") != "Convolution"):
             entries.add(target.get("name"))
     return entries
 
@@ -134,4 +134,4 @@ def keep_precision_critical_in_float32(xml_path: str | Path, head: set[str] | No
         return mark_precise(xml_path, lambda name, _: name in tail)
     head = head or set()
     keep = tail | head_entry_names(xml_path, head)
-    return mark_precise(xml_path, lambda name, _: name in keep or _base_name(name) not in head)
+    return mark_precise(xml_path, lambda name, _: name in keep or onnx_base_name(name) not in head)
