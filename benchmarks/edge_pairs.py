@@ -9,9 +9,10 @@ default precision), and their calls alternate round by round (``harness.timing.i
 rate of its own backbone alone, and the precision the CPU plugin chose.
 
 Pairs: ``cflow``, ``fastflow``, ``csflow`` (the grid's pairs: the same efficientnet_lite0 configuration on both
-sides, ``harness.models``) and ``csflow-stock``: our CSFlow's shipped configuration against anomalib's Csflow as
-anomalib builds it (EfficientNet-B5 up to its 304-channel stage, subnet width 1024), at the same input size.
-Weights are random (the work done does not depend on them; B5's ImageNet weights do not install offline).
+sides, ``harness.models``) and ``csflow-stock``: our CSFlow's shipped configuration
+(``configs/csflow_efficientnet_lite0.yaml``) against anomalib's Csflow as anomalib builds it (EfficientNet-B5 up to
+its 304-channel stage, subnet width 1024), at the same input size. Weights are random (the work done does not
+depend on them; B5's ImageNet weights do not install offline).
 
     OMP_NUM_THREADS=2 python benchmarks/edge_pairs.py --out benchmarks/results/edge_pairs
     OMP_NUM_THREADS=2 python benchmarks/edge_pairs.py --pairs csflow-stock --image-size 640 --out ...
@@ -27,6 +28,8 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.exports import export_backbone, multiply_adds_per_image
 from harness.machine import machine_info
@@ -35,21 +38,27 @@ from harness.timing import interleaved_wall_times
 from rich.progress import track
 
 STOCK_CSFLOW = {"backbone": "efficientnet_b5", "layer": "blocks.5"}  # anomalib's Csflow: B5, width 1024 (its default)
+SHIPPED_CSFLOW = Path(__file__).resolve().parents[1] / "configs" / "csflow_efficientnet_lite0.yaml"
+SHIPPED_CSFLOW_ARCHITECTURE = ("backbone", "layer", "num_scales", "coupling_blocks", "kernel_sizes", "hidden_channels",
+                               "clamp_alpha")
 PAIRS = ("cflow", "fastflow", "csflow", "csflow-stock")
 GRAPHS = ("ours", "anomalib", "ours backbone", "anomalib backbone")
 
 
 def build_pair_models(pair: str, size: int) -> tuple[Any, Any, str]:
     """(ours, anomalib's) Lightning modules of ``pair`` at ``size``² input, random weights, and a description."""
-    family = "csflow" if pair == "csflow-stock" else pair
-    ours_spec, theirs_spec = pair_of(family)
-    ours = build_benchmark_model(ours_spec.name, size)
-    if pair == "csflow-stock":
+    if pair == "csflow-stock":  # each side as it ships: our CSFlow's config, anomalib's Csflow defaults
+        init = yaml.safe_load(SHIPPED_CSFLOW.read_text())["model"]["init_args"]
+        init = {key: value for key, value in init.items() if key in SHIPPED_CSFLOW_ARCHITECTURE}
+        ours = build_model("CSFlow", init, size, real_weights=False)
         theirs = build_model("anomalib.Csflow", STOCK_CSFLOW, size, real_weights=False)
-        settings = f"{ours_spec.settings} vs anomalib.Csflow as shipped: EfficientNet-B5 blocks.5 (304 ch), width 1024"
-    else:
-        theirs = build_benchmark_model(theirs_spec.name, size)
-        settings = ours_spec.settings
+        settings = (f"ours as shipped ({SHIPPED_CSFLOW.name}: {init['backbone']} {init['layer']}, width = its "
+                    "channels) vs anomalib.Csflow as shipped: EfficientNet-B5 blocks.5 (304 ch), width 1024")
+        return ours.eval(), theirs.eval(), settings
+    ours_spec, theirs_spec = pair_of(pair)
+    ours = build_benchmark_model(ours_spec.name, size)
+    theirs = build_benchmark_model(theirs_spec.name, size)
+    settings = ours_spec.settings
     return ours.eval(), theirs.eval(), settings
 
 

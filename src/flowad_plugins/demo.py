@@ -30,10 +30,10 @@ DEMO_MODELS: dict[str, dict] = {
     "CflowAD": {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "coupling_blocks": 4,
                 "condition_dim": 64, "fiber_batch_size": 256},
     "FastFlow": {"backbone": "efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"], "flow_steps": 4},
-    "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.4"},
+    "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.2"},
 }
-# Model input size when it differs from --image-size: CS-Flow reads one stride-16 layer, so it runs at its default
-# input size (chosen on MVTec bottle validation, see CSFlow.DEFAULT_IMAGE_SIZE); the images are resized up to it.
+# Model input size when it differs from --image-size: CS-Flow reads one layer at three scales, so it runs at its
+# default input size (chosen on MVTec bottle validation, see CSFlow.DEFAULT_IMAGE_SIZE); images are resized up to it.
 DEMO_INPUT_SIZES: dict[str, int] = {"CSFlow": flowad_plugins.CSFlow.DEFAULT_IMAGE_SIZE[0]}
 
 

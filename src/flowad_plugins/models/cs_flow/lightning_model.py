@@ -64,15 +64,16 @@ class CSFlow(FlowAnomalibModule):
     """
 
     LR_SCHEDULES = ("constant", "cosine")
-    # CS-Flow maps come from one stride-16 layer, so 256 px gives only a 16×16 finest map; 640 px was chosen on
-    # bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json). The paper uses 768 px.
+    # 640 px was chosen on bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json; the paper
+    # uses 768 px); layer blocks.2 (stride 8: an 80×80 finest map at 640 px) over blocks.4 (stride 16) on validation
+    # with small synthetic defects of bottle, tire and generated data (benchmarks/results/local_defect_validation.md).
     DEFAULT_INPUT_SIZE = (640, 640)
     DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE  # former name
 
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
-        layer: str = "blocks.4",
+        layer: str = "blocks.2",
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
         num_scales: int = 3,

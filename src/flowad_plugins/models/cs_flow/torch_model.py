@@ -55,7 +55,7 @@ class CSFlowModel(nn.Module):
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
-        layer: str = "blocks.4",
+        layer: str = "blocks.2",
         pre_trained: bool = True,
         backbone_weights: str | Path | None = None,
         num_scales: int = 3,
