@@ -34,7 +34,15 @@ from lightning.pytorch import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.machine import cpu_model
-from select_image_score import CONFIGS, RESULTS, analyse, datamodule, shipped_model, unsmoothed_maps
+from select_image_score import (
+    CONFIGS,
+    RESULTS,
+    add_selection_arguments,
+    analyse,
+    datamodule,
+    shipped_model,
+    unsmoothed_maps,
+)
 
 from flowad_plugins.data.local_defects import KINDS, add_local_defect
 
@@ -99,9 +107,7 @@ def markdown(rows: list[dict], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--categories", nargs="+", default=["bottle", "tire", "generated"],
-                        choices=["bottle", "tire", "generated"])
+    add_selection_arguments(parser)
     parser.add_argument("--checkpoints", type=Path, default=None, help="load DIR/<model>_<category>.ckpt")
     parser.add_argument("--init", nargs="*", default=[], help="model overrides key=value (YAML values)")
     parser.add_argument("--max-minutes", type=float, default=5.0)

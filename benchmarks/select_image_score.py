@@ -51,6 +51,7 @@ SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
            "CSFlow": "csflow_efficientnet_lite0.yaml"}
+CATEGORIES = ("bottle", "tire", "generated")
 BORDER_FRACTION = 1 / 16
 PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this side
 
@@ -236,11 +237,15 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--models`` and ``--categories``, shared with the other selection scripts."""
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=list(CATEGORIES))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--categories", nargs="+", default=["bottle", "tire", "generated"],
-                        choices=["bottle", "tire", "generated"])
+    add_selection_arguments(parser)
     parser.add_argument("--max-minutes", type=float, default=5.0, help="training budget per model and category")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS / "image_score_selection")
