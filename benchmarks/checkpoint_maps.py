@@ -32,7 +32,7 @@ STEMS = {"CflowAD": "cflow_ad", "FastFlow": "fastflow", "CSFlow": "csflow"}
 def save_maps(name: str, checkpoint: Path, category: str, count: int, out: Path) -> None:
     model, _ = shipped_model(name)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})  # older buffers: not used
     model.eval()
     data = datamodule(category, 8)
     data.prepare_data()

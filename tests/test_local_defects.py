@@ -37,3 +37,13 @@ def test_the_same_seed_gives_the_same_defect_and_an_unknown_kind_is_named() -> N
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     with pytest.raises(ValueError, match=r"kind must be one of \['transplant', 'spot', 'scratch'\]"):
         add_local_defect(image, donor, np.random.default_rng(0), "hole")
+
+
+@pytest.mark.parametrize(("image_shape", "donor_shape", "message"), [
+    ((3, 16, 64), (3, 16, 64), r"image must be 3×H×W with H and W ≥ 32, got shape \(3, 16, 64\)"),
+    ((1, 64, 64), (1, 64, 64), r"image must be 3×H×W"),
+    ((3, 64, 64), (3, 64, 96), r"donor must have the image's shape \(3, 64, 64\), got \(3, 64, 96\)"),
+])
+def test_bad_shapes_are_named(image_shape: tuple, donor_shape: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        add_local_defect(torch.rand(image_shape), torch.rand(donor_shape), np.random.default_rng(0), "spot")

@@ -3,7 +3,7 @@
 anomalib's synthetic validation (``val_split_mode="synthetic"``) blends Perlin-noise blobs that cover a large part
 of the image; every model separates those from normal images almost perfectly, so that split cannot tell candidate
 settings apart, and it says little about real defects that cover well under 1 % of the image (a cut in a tire tread,
-a speck on a bottle rim). These defects are local and subtle instead, one per image, placed on the part:
+a speck on a bottle rim). These defects are local and subtle instead, one per call, placed on the part:
 
 - ``transplant``: a square patch (2–5 % of the shorter side) copied from another normal image at another place,
   rotated by a multiple of 90° — a texture discontinuity;
@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 KINDS = ("transplant", "spot", "scratch")
+MIN_SIDE = 32  # smallest image side: a defect of 2 % of it is still at least a few pixels after the size floor
 
 
 def _place(rng: np.random.Generator, height: int, width: int, side: int,
@@ -57,6 +58,12 @@ def add_local_defect(
         kind = KINDS[int(rng.integers(len(KINDS)))]
     if kind not in KINDS:
         msg = f"kind must be one of {list(KINDS)} or None, got {kind!r}."
+        raise ValueError(msg)
+    if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < MIN_SIDE:
+        msg = f"image must be 3×H×W with H and W ≥ {MIN_SIDE}, got shape {tuple(image.shape)}."
+        raise ValueError(msg)
+    if donor.shape != image.shape:
+        msg = f"donor must have the image's shape {tuple(image.shape)}, got {tuple(donor.shape)}."
         raise ValueError(msg)
     _, height, width = image.shape
     short = min(height, width)
