@@ -92,7 +92,7 @@ def prepared_model(name: str, category: str, init: dict, checkpoints: Path | Non
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    candidates = ["max", "smoothed_max_s4", "top_mean_0.01", "position_z_max"]
+    candidates = ["max", "smoothed_max_s4", "top_mean_0.01", "position_z_max", "position_z_smoothed_max_s4"]
     lines = ["# Candidates on the local-defect validation split (never test)", "",
              f"`{command}` (one command per tag: see each row's `command` in the JSON); machine: {cpu_model()}.", "",
              "| tag | model | category | val images (normal / defective) | image AUROC: " + " / ".join(candidates)

@@ -43,7 +43,8 @@ class CSFlowModel(nn.Module):
         input_norm: data-initialised per-channel affine before the blocks (not in the paper; see ``flows``).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none; 4 chosen on bottle validation).
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum; chosen on validation of several categories).
+            (0 = the plain maximum). 4 for CS-Flow: chosen with ``position_score`` on the small-defect
+            validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
         position_score: image score from the unsmoothed map standardised per position with normal training
             statistics (``AnomalyScorer``); the map is unchanged.
         map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
@@ -65,7 +66,7 @@ class CSFlowModel(nn.Module):
         clamp_alpha: float = 3.0,
         input_norm: bool = True,
         blur_sigma: float = 4.0,
-        score_blur_sigma: float = 0.0,
+        score_blur_sigma: float = 4.0,
         position_score: bool = True,
         map_scales: Sequence[int] | None = None,
     ) -> None:
