@@ -6,6 +6,10 @@ model selection on test). Prints and (with --out) saves train time and test metr
 
     python benchmarks/evaluate.py --model CflowAD --epochs 3 \
         --init backbone=efficientnet_lite0 layers='["blocks.2","blocks.4"]'
+    python benchmarks/evaluate.py --config configs/cflow_ad_efficientnet_lite0.yaml --max-minutes 5
+
+``--config`` takes the model class, its ``init_args`` and ``trainer.max_epochs`` from a shipped config (``--init``
+and ``--epochs`` still override them) at the class's default input size unless ``--image-size`` is given.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from harness.machine import cpu_model as cpu_name
-from harness.models import build_model
+from harness.models import build_model, default_input_side
 from harness.timing import wall_times
 from lightning.pytorch import seed_everything
 
@@ -93,13 +97,17 @@ def save_defect_maps(model, datamodule, path: Path, per_defect: int = 2) -> None
                         f"{Path(dataset.samples.image_path.iloc[i]).stem}" for i in chosen]),
     )
 
-def main() -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """This script's command line (``accuracy_table.py`` builds rows of it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="CflowAD", help="flowad_plugins class or anomalib.<Name>")
     parser.add_argument("--root", default="../shared/data/mvtec_ad")
     parser.add_argument("--category", default="bottle")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a configs/*.yaml: model class, init_args and max_epochs (instead of --model)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="square input side (default: 256, or the config's model default)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 3, or the config's trainer.max_epochs")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="also stop training after this much wall time (the CPU budget; epochs run are recorded)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -120,11 +128,22 @@ def main() -> None:
                         help="write the trained model's checkpoint here (for --rescore-checkpoint)")
     parser.add_argument("--save-maps", type=Path, default=None,
                         help=".npz of post-processed maps on a few defective test images (for the figure)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = argument_parser().parse_args()
 
     seed_everything(args.seed, workers=True)
     init = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.init)}
-    model = build_model(args.model, init, args.image_size,
+    if args.config is not None:
+        config = yaml.safe_load(args.config.read_text())
+        args.model = config["model"]["class_path"].rsplit(".", 1)[-1]
+        init = {**config["model"].get("init_args", {}), **init}
+        args.epochs = args.epochs or int(config.get("trainer", {}).get("max_epochs", 3))
+    args.epochs = args.epochs or 3
+    image_size = args.image_size or default_input_side(args.model)
+    model = build_model(args.model, init, image_size,
                         keep_anomalib_post_processor=args.keep_anomalib_post_processor)
     datamodule = MVTecAD(
         root=args.root,
@@ -172,7 +191,7 @@ def main() -> None:
         "model": args.model,
         "init": init,
         "category": args.category,
-        "image_size": args.image_size,
+        "image_size": image_size,
         "epochs": args.epochs,
         **({"max_minutes": args.max_minutes, "epochs_run": engine.trainer.current_epoch} if args.max_minutes else {}),
         "seed": args.seed,
@@ -181,7 +200,7 @@ def main() -> None:
         **({"rescored_checkpoint_of": str(args.rescore_checkpoint[1])} if args.rescore_checkpoint else {}),
         **validation,
         "test_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
-        "torch_cpu_inference": measure_throughput(model.model, args.image_size, autocast=args.precision),
+        "torch_cpu_inference": measure_throughput(model.model, image_size, autocast=args.precision),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]},
         "command": "python benchmarks/evaluate.py " + " ".join(sys.argv[1:]),

@@ -187,3 +187,26 @@ def test_one_registry_builds_anomalib_csflow_on_our_backbone_without_download() 
         features = backbone_of(model)(torch.rand(1, 3, 64, 64))
     assert output.anomaly_map.shape[-2:] == (64, 64) and output.pred_score.shape == (1,)
     assert [tuple(f.shape[1:]) for f in features] == [(112, 4, 4), (112, 2, 2), (112, 1, 1)]
+
+
+def test_accuracy_table_rows_are_valid_evaluate_commands() -> None:
+    """Every row of ``accuracy_table.py`` parses as an ``evaluate.py`` command with the same budget, an existing config
+    for ours, anomalib's class otherwise, and its own result file."""
+    import accuracy_table
+    import evaluate
+    import yaml
+
+    parser = evaluate.argument_parser()
+    outs = set()
+    for category in accuracy_table.ROOTS:
+        for name in accuracy_table.ROWS:
+            args = parser.parse_args(accuracy_table.row_arguments(name, category, 5.0))
+            assert (args.category, args.max_minutes) == (category, 5.0)
+            assert (args.config is None) == name.startswith("anomalib_"), name
+            if args.config is not None:
+                config = yaml.safe_load((REPO / args.config).read_text())
+                assert config["model"]["class_path"].startswith("flowad_plugins."), name
+            else:
+                assert args.model.startswith("anomalib.") and args.epochs, name
+            outs.add(args.out)
+    assert len(outs) == len(accuracy_table.ROOTS) * len(accuracy_table.ROWS)

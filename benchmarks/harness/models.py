@@ -113,6 +113,15 @@ def build_model(name: str, init: dict[str, Any] | None = None, image_size: int =
     return model_class(**init, pre_processor=model_class.configure_pre_processor((image_size, image_size)))
 
 
+def default_input_side(name: str) -> int:
+    """The square input side a model is built for by default: our class's ``DEFAULT_INPUT_SIZE``, else 256."""
+    if name.startswith("anomalib."):
+        return 256
+    import flowad_plugins
+
+    return int(getattr(flowad_plugins, name).DEFAULT_INPUT_SIZE[0])
+
+
 def build_benchmark_model(name: str, image_size: int = 256, real_weights: bool = False) -> AnomalibModule:
     """The Lightning module of benchmark model ``name`` (a ``MODEL_SPECS`` key) for ``image_size``² inputs."""
     check_model_names([name])
