@@ -36,14 +36,20 @@ def _place(rng: np.random.Generator, height: int, width: int, side: int,
     return top, left
 
 
-def foreground_of(image: torch.Tensor) -> torch.Tensor:
-    """``H×W``: where the part is, roughly — pixels whose local contrast or distance from the border colour is
-    above the image's median (a plain background gets no defects)."""
+def part_score(image: torch.Tensor) -> torch.Tensor:
+    """``H×W``: how much each pixel of ``image`` (``3×H×W``) looks like the part rather than the background — its
+    distance from the border colour plus its local contrast (9×9). Defect-blind: no model, no normal data."""
     gray = image.mean(dim=0)
     border = torch.cat((gray[0], gray[-1], gray[:, 0], gray[:, -1])).median()
     local = F.avg_pool2d(gray[None, None], 9, stride=1, padding=4)[0, 0]
     contrast = (F.avg_pool2d((gray[None, None] - local) ** 2, 9, stride=1, padding=4)[0, 0]).sqrt()
-    score = (gray - border).abs() + contrast
+    return (gray - border).abs() + contrast
+
+
+def foreground_of(image: torch.Tensor) -> torch.Tensor:
+    """``H×W``: where the part is, roughly — pixels whose ``part_score`` is above the image's median (a plain
+    background gets no defects)."""
+    score = part_score(image)
     return score > score.median()
 
 
