@@ -241,3 +241,15 @@ def test_edge_table_is_copied_from_the_results_file() -> None:
     match = re.search(r"<!-- edge table: (\S+) -->\n\|[^\n]*\n\|[^\n]*\n(.*?)<!-- end edge table -->", text, re.DOTALL)
     assert match, "edge table markers missing from README.md"
     assert match.group(2).strip().splitlines() == edge_table_rows(REPO / match.group(1))
+
+
+def test_accuracy_table_is_copied_from_the_results_files() -> None:
+    """The README's bottle/tire accuracy table equals what the result files of ``benchmarks/accuracy_table.py`` hold."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.append(str(REPO / "benchmarks"))
+    from accuracy_table import readme_rows
+
+    text = README.read_text()
+    match = re.search(r"<!-- accuracy table -->\n\|[^\n]*\n\|[^\n]*\n(.*?)<!-- end accuracy table -->", text, re.DOTALL)
+    assert match, "accuracy table markers missing from README.md"
+    assert match.group(1).strip().splitlines() == readme_rows()
