@@ -11,11 +11,11 @@ ratios.
     # the edge grid: six models, whole + backbone, OpenVINO default / f32 / INT8, batch 1 and 8, per-op profile
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/benchmark.py --edge --name edge
 
-    # the committed CPU results (run under the shared lock so nothing else competes for the cores)
-    OMP_NUM_THREADS=2 flock /tmp/flowad_cpu.lock .venv/bin/python benchmarks/benchmark.py \
+    # the committed CPU results (on an otherwise idle machine, so nothing else competes for the cores)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/benchmark.py \
         --data-root ../shared/data/mvtec_ad --category bottle
     # a few minutes on 2 cores: CflowAD vs anomalib's Cflow, 128 px, torch + ONNX Runtime
-    .venv/bin/python benchmarks/benchmark.py --quick --out-dir /tmp/bench_quick
+    .venv/bin/python benchmarks/benchmark.py --quick --out-dir bench_quick
 """
 
 from __future__ import annotations

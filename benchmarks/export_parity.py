@@ -14,7 +14,7 @@ compared with torch:
   (bf16 on CPUs with AVX512-BF16/AMX), labelled ``default``.
 - Latency: batch 1, median of ``--repeats`` runs after warm-up, ``--threads`` CPU threads; file size on disk.
 
-Tolerances (issue 5): FP32 max |Δmap| ≤ 1e-3 of the range and identical labels; FP16 / INT8 image and pixel AUROC
+Tolerances: FP32 max |Δmap| ≤ 1e-3 of the range and identical labels; FP16 / INT8 image and pixel AUROC
 within 0.005 of torch. Results: ``--out``.json and .md.
 
     python benchmarks/export_parity.py --ckpt CflowAD=path/model.ckpt FastFlow=... CSFlow=... \\
@@ -103,7 +103,7 @@ def evaluate(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray] | 
 
 
 def check(row: dict, torch_row: dict) -> dict:
-    """Pass/fail of a row against issue 5's tolerance for its variant (FP32: map + labels; else: AUROC)."""
+    """Pass/fail of a row against the tolerance for its variant (FP32: map + labels; else: AUROC)."""
     row["image_AUROC_delta"] = round(row["image_AUROC"] - torch_row["image_AUROC"], 5)
     row["pixel_AUROC_delta"] = round(row["pixel_AUROC"] - torch_row["pixel_AUROC"], 5)
     if row["weights"] == "fp32" and row["precision"] in {"f32", "onnxruntime"}:

@@ -1,6 +1,6 @@
 """Print the README's results tables from the committed JSON files in ``benchmarks/results/``.
 
-    python benchmarks/report.py > /tmp/results.md   # then paste into README.md "Results"
+    python benchmarks/report.py > results.md   # then paste into README.md "Results"
     python benchmarks/report.py --edge benchmarks/results/bench/edge.json   # the README's edge table
 """
 

@@ -1,4 +1,4 @@
-"""Scale-out and robustness (issue 8): DDP, mixed precision, exact resume, non-finite loss.
+"""Scale-out and robustness: DDP, mixed precision, exact resume, non-finite loss.
 
 DDP runs ``Engine(strategy="ddp", accelerator="cpu", devices=2)`` (gloo) in a subprocess: Lightning's "ddp"
 relaunches the running *script* for rank 1, so this file doubles as that script (``__main__`` below).

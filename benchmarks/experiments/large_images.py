@@ -12,7 +12,7 @@ memory after the imports, after building the model, and the process's peak (``Vm
   (CflowAD: one fiber batch of ``fiber_batch_size`` fibers per layer, which is what bounds its training memory
   whatever the image size).
 
-    flock /tmp/flowad_cpu.lock python benchmarks/experiments/large_images.py
+    python benchmarks/experiments/large_images.py
 
 Writes ``benchmarks/results/large_images_cpu.{json,md}``.
 """
@@ -174,7 +174,7 @@ def main() -> None:
                     f"{r['rss_model_built_mib']} | {r['peak_rss_mib']} | {r['pass_peak_mib']} |")
     markdown = (
         f"# Large frames: peak memory and time per pass, CPU\n\nMachine: {machine['cpu']}, {machine['threads']} "
-        f"threads, torch {machine['torch']}. Command: `{command}` (under `flock /tmp/flowad_cpu.lock`).\n\n"
+        f"threads, torch {machine['torch']}. Command: `{command}`.\n\n"
         "Fresh process per row (one warm-up and one timed pass; s = the timed pass). RSS imports: resident "
         "memory after importing torch/anomalib; model built: after building the model and the input batch; "
         "process peak: the kernel's high-water mark (VmHWM) over the whole process; pass peak = process peak − "

@@ -1,8 +1,8 @@
 """float32 vs bf16-mixed on an MVTec category: train time, inference time and test-metric deltas per model.
 
 Each (model, precision) pair is one ``benchmarks/evaluate.py`` run in a fresh process (same seed, epochs, data,
-no-leakage protocol), taken under the shared CPU lock (``flock /tmp/flowad_cpu.lock``) so timings do not
-contend with other heavy jobs. Under ``bf16-mixed`` only the frozen backbone runs in bf16; flows, log-dets,
+no-leakage protocol), one after another; run it on an otherwise idle machine so timings do not contend with
+other heavy jobs. Under ``bf16-mixed`` only the frozen backbone runs in bf16; flows, log-dets,
 likelihoods and scores stay float32 (``flowad_plugins.precision``).
 
     python benchmarks/experiments/mixed_precision.py --models CflowAD FastFlow CSFlow
@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-LOCK = "/tmp/flowad_cpu.lock"
 # The repository's offline settings (configs/*_efficientnet_lite0.yaml), shortened schedules.
 RECIPES: dict[str, dict] = {
     "CflowAD": {"epochs": 2, "batch_size": 16,
@@ -38,15 +37,13 @@ PRECISIONS = ("32", "bf16-mixed")
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
 
-def run_one(model: str, precision: str, root: str, use_lock: bool) -> dict:
+def run_one(model: str, precision: str, root: str) -> dict:
     """One evaluate.py run; returns its JSON (also saved under ``benchmarks/results``)."""
     recipe = RECIPES[model]
     out = RESULTS / f"bf16_{model.lower()}_{precision.replace('-mixed', '')}.json"
     command = [sys.executable, str(REPO / "benchmarks" / "evaluate.py"), "--model", model, "--root", root,
                "--epochs", str(recipe["epochs"]), "--batch-size", str(recipe["batch_size"]),
                "--precision", precision, "--init", *recipe["init"], "--out", str(out)]
-    if use_lock:
-        command = ["flock", LOCK, *command]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -91,7 +88,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--root", default="../shared/data/mvtec_ad")
-    parser.add_argument("--no-lock", action="store_true", help="do not queue each run on the shared CPU lock")
     args = parser.parse_args()
 
     runs: dict[str, dict[str, dict]] = {}
@@ -99,8 +95,8 @@ def main() -> None:
     command = "python benchmarks/experiments/mixed_precision.py " + " ".join(sys.argv[1:])
     for model, precision in tqdm(pairs, desc="evaluate.py runs", unit="run"):
         start = time.perf_counter()
-        runs.setdefault(model, {})[precision] = run_one(model, precision, args.root, not args.no_lock)
-        tqdm.write(f"{model} {precision}: done in {time.perf_counter() - start:.0f} s (incl. waiting for the lock)")
+        runs.setdefault(model, {})[precision] = run_one(model, precision, args.root)
+        tqdm.write(f"{model} {precision}: done in {time.perf_counter() - start:.0f} s")
         if len(runs[model]) == len(PRECISIONS):
             write_summary({m: r for m, r in runs.items() if len(r) == len(PRECISIONS)}, command)
 
@@ -118,7 +114,7 @@ def write_summary(runs: dict[str, dict[str, dict]], command: str) -> None:
     markdown = (
         f"# float32 vs bf16-mixed, MVTec AD bottle (256 px), CPU\n\nMachine: {machine['cpu']}, "
         f"{machine['threads']} threads, torch {machine['torch']}, avx512_bf16: {machine['cpu_bf16']}. "
-        f"Each run under `flock {LOCK}`.\n\nCommand: `{command}`\n\n{table}\n\n"
+        f"\n\nCommand: `{command}`\n\n{table}\n\n"
         "Train s includes the per-epoch validation pass; inference = torch eager, batch 8, median of 5 "
         "(under CPU bf16 autocast for bf16). Under bf16-mixed only the frozen backbone runs in bf16; flows, "
         "log-dets, likelihoods and maps stay float32.\n"

@@ -7,7 +7,7 @@ model and the same validation predictions, also compute anomalib's default ``Pos
 the false-alarm rate on test/good and the recall on defective test images (image level), and the pixel
 false-alarm rate on test/good pixels and the recall of defect pixels (pixel level). Nothing is chosen on test.
 
-    flock /tmp/flowad_cpu.lock env OMP_NUM_THREADS=2 .venv/bin/python benchmarks/experiments/thresholds_bottle.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/experiments/thresholds_bottle.py
 """
 
 from __future__ import annotations

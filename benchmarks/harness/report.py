@@ -235,7 +235,7 @@ def readme_section(result: dict[str, Any], json_path: str, plot_path: str | None
     ]
     if plot_path:
         lines += [f"![accuracy vs throughput]({plot_path})", ""]
-    lines += [*method_lines(result), "", "Reproduce (under the shared CPU lock):", "", "```bash",
+    lines += [*method_lines(result), "", "Reproduce (on an otherwise idle machine):", "", "```bash",
               result["command"], "```", ""]
     return "\n".join(lines)
 
