@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import maps_figure
-from select_image_score import datamodule, shipped_model
+from select_image_score import datamodule, load_selection_checkpoint, shipped_model
 
 STEMS = {"CflowAD": "cflow_ad", "FastFlow": "fastflow", "CSFlow": "csflow"}
 
@@ -31,8 +31,7 @@ STEMS = {"CflowAD": "cflow_ad", "FastFlow": "fastflow", "CSFlow": "csflow"}
 @torch.no_grad()
 def save_maps(name: str, checkpoint: Path, category: str, count: int, out: Path) -> None:
     model, _ = shipped_model(name)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})  # older buffers: not used
+    load_selection_checkpoint(model, checkpoint)
     model.eval()
     data = datamodule(category, 8)
     data.prepare_data()

@@ -40,6 +40,7 @@ from select_image_score import (
     add_selection_arguments,
     analyse,
     datamodule,
+    load_selection_checkpoint,
     shipped_model,
     unsmoothed_maps,
 )
@@ -77,8 +78,7 @@ def prepared_model(name: str, category: str, init: dict, checkpoints: Path | Non
     data.prepare_data()
     data.setup("fit")
     if checkpoints is not None:
-        state = torch.load(checkpoints / f"{name}_{category}.ckpt", map_location="cpu", weights_only=True)
-        model.load_state_dict({k: v for k, v in state["state_dict"].items() if ".position_" not in k})
+        load_selection_checkpoint(model, checkpoints / f"{name}_{category}.ckpt")
         return model, data, {"source": "checkpoint"}
     engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=True,
                     default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes}, num_sanity_val_steps=0)

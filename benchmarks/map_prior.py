@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import binary_auroc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.machine import cpu_model
 from lightning.pytorch import seed_everything
-from select_image_score import RESULTS, datamodule, shipped_model
+from select_image_score import RESULTS, datamodule, load_selection_checkpoint, shipped_model
 
 from flowad_plugins.data.local_defects import part_score
 from flowad_plugins.position_statistics import ScoreMapStatistics
@@ -72,8 +72,7 @@ def model_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def analyse(name: str, checkpoint: Path, category: str, batch_size: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     seed_everything(0, workers=True)  # the same validation split as the selection scripts
     model, _ = shipped_model(name)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})
+    load_selection_checkpoint(model, checkpoint)
     data = datamodule(category, batch_size)
     data.prepare_data()
     data.setup("fit")

@@ -77,6 +77,13 @@ def shipped_model(name: str):
     return getattr(flowad_plugins, name)(**init), int(config["trainer"]["max_epochs"])
 
 
+def load_selection_checkpoint(model, checkpoint: Path) -> None:
+    """Load a selection run's Lightning checkpoint into ``model`` (weights only; buffers of older scorers that no
+    longer exist, ``*.position_*``, are skipped)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})
+
+
 @torch.no_grad()
 def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``."""
@@ -180,8 +187,7 @@ def test_chosen(name: str, category: str, checkpoint: Path, chosen: dict, batch_
     """
     seed_everything(0, workers=True)
     model, _ = shipped_model(name)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})  # older buffers: not used
+    load_selection_checkpoint(model, checkpoint)
     data = datamodule(category, batch_size)
     data.prepare_data()  # the generated category is written here
     data.setup("fit")
