@@ -44,7 +44,6 @@ from flowad_plugins.models.training_state import (  # re-exported for the models
     restore_rng_states,
 )
 from flowad_plugins.post_processing import FlowPostProcessor
-from flowad_plugins.schedules import FitScheduleToTimeBudget
 from flowad_plugins.statistics import LikelihoodStatistics, NormalStatisticsLifeCycle
 
 logger = logging.getLogger(__name__)
@@ -178,9 +177,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         return FlowPostProcessor()
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's component callbacks, the normal-data statistics life cycle, and the LR schedule fitted to
-        ``trainer.max_time`` when one is set."""
-        return [*super().configure_callbacks(), NormalStatisticsLifeCycle(), FitScheduleToTimeBudget()]
+        """anomalib's component callbacks plus the normal-data statistics life cycle."""
+        return [*super().configure_callbacks(), NormalStatisticsLifeCycle()]
 
     @property
     def learning_type(self) -> LearningType:

@@ -29,7 +29,7 @@ class CflowAD(FlowAnomalibModule):
     Training decodes every fiber of an image batch: the fibers of each layer are shuffled and split
     into ``fiber_batch_size`` chunks; each chunk (all layers together) is one Adam step on
     ``−log σ(log p)`` per fiber (``log p``: log-likelihood per dimension). The LR warms up linearly, then
-    decays on a cosine over the whole run (with ``trainer.max_time``, over the part of it that fits the budget).
+    decays on a cosine over the whole run.
 
     Args:
         backbone: timm model name (any CNN with ``feature_info``).

@@ -17,7 +17,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, distributed_world_size
-from flowad_plugins.schedules import LR_SCHEDULES, warmup_cosine
+from flowad_plugins.schedules import warmup_cosine
 from flowad_plugins.scoring import gaussian_log_likelihood
 
 from .torch_model import CSFlowModel
@@ -30,8 +30,7 @@ class CSFlow(FlowAnomalibModule):
     all scales, ``D`` = latent size per image (the paper's loss up to the constant).
     Adam with weight decay; Lightning clips the gradient norm to ``gradient_clip_norm`` (set here, not in
     ``trainer:``, because anomalib lets a model's ``trainer_arguments`` override the trainer's). Optional
-    linear warm-up + cosine decay of the LR (``lr_schedule="cosine"``), stepped per batch; with
-    ``trainer.max_time`` the decay ends when the time budget does.
+    linear warm-up + cosine decay of the LR (``lr_schedule="cosine"``), stepped per batch.
 
     Args:
         backbone: timm CNN name.
@@ -65,7 +64,7 @@ class CSFlow(FlowAnomalibModule):
             ``--seed_everything``); ``None`` leaves the random state alone.
     """
 
-    LR_SCHEDULES = LR_SCHEDULES
+    LR_SCHEDULES = ("constant", "cosine")
     # 640 px was chosen on bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json; the paper
     # uses 768 px); layer blocks.2 (stride 8: an 80×80 finest map at 640 px) over blocks.4 (stride 16) on validation
     # with small synthetic defects of bottle, tire and generated data (benchmarks/results/local_defect_validation.md).

@@ -12,10 +12,8 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss
-from flowad_plugins.schedules import LR_SCHEDULES, warmup_cosine
 from flowad_plugins.scoring import gaussian_log_likelihood
 
 from .torch_model import FastFlowModel
@@ -45,9 +43,6 @@ class FastFlow(FlowAnomalibModule):
             statistics (``AnomalyScorer``); the map is unchanged.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
-        lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (warm-up, then cosine decay, stepped per batch; fitted
-            to ``trainer.max_time`` when one is set).
-        warmup_fraction: share of the steps spent on warm-up with ``lr_schedule="cosine"``.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
             ``None`` = a custom pre-processor's size, else the backbone's fixed size (ViTs), else 256×256.
             A checkpoint restores it, whatever the arguments the model was rebuilt with.
@@ -72,8 +67,6 @@ class FastFlow(FlowAnomalibModule):
         position_score: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
-        lr_schedule: str = "constant",
-        warmup_fraction: float = 0.05,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -94,9 +87,6 @@ class FastFlow(FlowAnomalibModule):
             raise ValueError(msg)
         if weight_decay < 0:
             msg = f"weight_decay must be ≥ 0, got {weight_decay}."
-            raise ValueError(msg)
-        if lr_schedule not in LR_SCHEDULES:
-            msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(LR_SCHEDULES)}."
             raise ValueError(msg)
         if input_size is None and isinstance(pre_processor, PreProcessor):
             input_size = self.input_size
@@ -119,21 +109,15 @@ class FastFlow(FlowAnomalibModule):
         self.hparams["layers"] = list(self.model.encoder.layers)
         self.lr = lr
         self.weight_decay = weight_decay
-        self.lr_schedule = lr_schedule
-        self.warmup_fraction = warmup_fraction
 
     def build_for_input_size(self, input_size: tuple[int, int]) -> None:
         """Rebuild the (untrained) layer norms and flows for the feature shapes at ``input_size``."""
         self.model.set_input_size(input_size)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | OptimizerLRSchedulerConfig:
-        """Adam on the normalisation layers and flows (the encoder is frozen); optional warm-up + cosine."""
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on the normalisation layers and flows (the encoder is frozen)."""
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
-        if self.lr_schedule == "constant":
-            return optimizer
-        scheduler = warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, self.warmup_fraction)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
 
     def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
         """Negative log-likelihood per dimension, averaged over positions, summed over scales."""
