@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from harness.report import metric_cell
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 ACCURACY_ROWS = [
@@ -24,10 +26,6 @@ ACCURACY_ROWS = [
 FPS_FILE = RESULTS / "bottle" / "fps.json"  # benchmarks/bottle_fps.py: all six timed interleaved, same load
 FPS = json.loads(FPS_FILE.read_text())["images_per_second"] if FPS_FILE.is_file() else {}
 SPEED_FILES = ["cflow_cpu_speed.json", "fastflow_cpu_speed.json", "csflow_cpu_speed.json"]
-
-
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def accuracy_table() -> list[str]:
@@ -49,7 +47,7 @@ def accuracy_table() -> list[str]:
             epochs = f"{result['epochs_run']} (of {epochs}; {result['max_minutes']:g}-min budget)"
         lines.append(
             f"| {label} | {result.get('image_size', '–')} | {epochs} | {result.get('train_seconds', '–')} | "
-            f"{_cell(test.get('image_AUROC'))} | {_cell(test.get('pixel_AUROC'))} | {_cell(test.get('pixel_AUPRO'))} | "
+            + " | ".join(metric_cell(test.get(key)) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")) + " | "
             f"{fps} | {result.get('chosen_blur_sigma', '–')} | `benchmarks/results/{name}` |"
         )
     return lines

@@ -37,6 +37,7 @@ import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from harness.machine import cpu_model
+from harness.report import metric_cell
 from lightning.pytorch import seed_everything
 from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
@@ -205,10 +206,6 @@ def test_chosen(name: str, category: str, checkpoint: Path, chosen: dict, batch_
     return {"model": name, "category": category, **metrics}
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def markdown(results: list[dict], command: str) -> str:
     candidates = list(dict.fromkeys(c for row in results for c in row["val_image_AUROC"]))
     lines = ["# Image-score selection on validation (never test)", "",
@@ -217,7 +214,7 @@ def markdown(results: list[dict], command: str) -> str:
              "| model | category | epochs | train s | " + " | ".join(candidates) + " |",
              "|---|---|---:|---:|" + "---:|" * len(candidates)]
     for row in results:
-        aurocs = " | ".join(_cell(row["val_image_AUROC"].get(c)) for c in candidates)
+        aurocs = " | ".join(metric_cell(row["val_image_AUROC"].get(c)) for c in candidates)
         lines.append(f"| {row['model']} | {row['category']} | {row['epochs_run']}/{row['epochs_config']} | "
                      f"{row['train_seconds']:.0f} | {aurocs} |")
     lines += ["", "Mean validation image AUROC per model over the categories:", "",
@@ -225,7 +222,7 @@ def markdown(results: list[dict], command: str) -> str:
     for model in dict.fromkeys(row["model"] for row in results):
         rows = [row for row in results if row["model"] == model]
         lines.append(f"| {model} | " + " | ".join(
-            _cell(np.mean(values) if len(values := [row["val_image_AUROC"][c] for row in rows
+            metric_cell(np.mean(values) if len(values := [row["val_image_AUROC"][c] for row in rows
                                                     if c in row["val_image_AUROC"]]) == len(rows) else None)
             for c in candidates) + " |")
     lines += ["", "Failure analysis (the current score, `max`): share of image maxima in the border band "

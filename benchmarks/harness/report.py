@@ -17,6 +17,11 @@ OK_CELL_KEYS = ("times_s", "latency_ms_p50", "latency_ms_p95", "throughput_img_s
 ACCURACY_KEYS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
 
+def metric_cell(value: float | None) -> str:
+    """A metric as a table cell: three decimals, ``–`` when it was not measured."""
+    return "–" if value is None else f"{value:.3f}"
+
+
 def validate_result(result: dict[str, Any]) -> None:
     """Raise ``ValueError`` listing what is missing or implausible in a result document."""
     problems = [f"missing key {key!r}" for key in RESULT_KEYS if key not in result]
