@@ -1,4 +1,4 @@
-"""Bottle and tire test accuracy of all six models under one protocol, with one command.
+"""Bottle, tire and generated-data test accuracy of all six models under one protocol, with one command.
 
 Every row is one ``benchmarks/evaluate.py`` run (its command is stored in the row's JSON):
 
@@ -7,7 +7,8 @@ Every row is one ``benchmarks/evaluate.py`` run (its command is stored in the ro
   ``[blocks.2, blocks.4]``), otherwise anomalib's defaults, input 256 px, the epochs of our config of the same
   family;
 - all: training capped at ``--max-minutes`` (5: the budget a user accepts on 2 CPU cores), validation = 20 % of
-  train/good + synthetic anomalies (seed 0), thresholds from validation, the test split read once at the end.
+  train/good + synthetic anomalies (seed 0), thresholds from validation, the test split read once at the end;
+- the generated category is ``flowad_plugins.data.SyntheticAD``'s ``object`` (256 px), written by each run itself.
 
 A row whose JSON already holds the same command is kept (``--force`` reruns it). Writes
 ``benchmarks/results/<category>/<row>.json`` and ``benchmarks/results/accuracy_table.md``::
@@ -24,9 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harness.report import metric_cell
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ROOTS = {"bottle": "../shared/data/mvtec_ad", "tire": "../shared/data/mvtec_3d_rgb"}  # relative to the repository
+# relative to the repository; the generated data is written by evaluate.py itself
+ROOTS: dict[str, str | None] = {"bottle": "../shared/data/mvtec_ad", "tire": "../shared/data/mvtec_3d_rgb",
+                                "generated": None}
 LITE0 = "backbone=efficientnet_lite0"
 # name: (label, arguments before --root, epochs, arguments after --max-minutes)
 ROWS: dict[str, tuple[str, list[str], list[str], list[str]]] = {
@@ -47,7 +52,8 @@ def row_arguments(name: str, category: str, max_minutes: float) -> list[str]:
     _, head, epochs, tail = ROWS[name]
     out = f"benchmarks/results/{category}/{name}.json"
     maps = ["--save-maps", f"benchmarks/results/bottle/maps/{name}.npz"] if category == "bottle" else []
-    return [*head, "--root", ROOTS[category], "--category", category, *epochs, "--max-minutes", f"{max_minutes:g}",
+    root = [] if ROOTS[category] is None else ["--root", ROOTS[category]]
+    return [*head, *root, "--category", category, *epochs, "--max-minutes", f"{max_minutes:g}",
             *tail, "--out", out, *maps]
 
 
@@ -55,16 +61,12 @@ def command_of(arguments: list[str]) -> str:
     return "python benchmarks/evaluate.py " + " ".join(arguments)
 
 
-def _cell(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _triple(path: Path) -> str:
     """``image AUROC / pixel AUROC / pixel AUPRO`` of a row's JSON, ``–`` when it is missing."""
     if not path.is_file():
         return "–"
     test = json.loads(path.read_text()).get("test_metrics", {})
-    return " / ".join(_cell(test.get(key)) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
+    return " / ".join(metric_cell(test.get(key)) for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
 
 
 def readme_rows(categories: list[str] | None = None) -> list[str]:
@@ -89,8 +91,8 @@ def markdown(categories: list[str], command: str) -> str:
             test = result.get("test_metrics", {})
             epochs = f"{result.get('epochs_run', result['epochs'])} ({result['epochs']})"
             lines.append(f"| {label} | {result['image_size']} | {epochs} | {result['train_seconds']:.0f} | "
-                         f"{_cell(test.get('image_AUROC'))} | {_cell(test.get('pixel_AUROC'))} | "
-                         f"{_cell(test.get('pixel_AUPRO'))} | {result['machine']['cpu']} | "
+                         f"{metric_cell(test.get('image_AUROC'))} | {metric_cell(test.get('pixel_AUROC'))} | "
+                         f"{metric_cell(test.get('pixel_AUPRO'))} | {result['machine']['cpu']} | "
                          f"`benchmarks/results/{category}/{name}.json` |")
         lines.append("")
     lines += ["Compact (the README's table), image AUROC / pixel AUROC / pixel AUPRO:", "",
@@ -106,9 +108,10 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=5.0, help="training budget of every row")
     parser.add_argument("--force", action="store_true", help="rerun rows whose JSON already holds their command")
     args = parser.parse_args()
-    missing = [category for category in args.categories if not (REPO / ROOTS[category]).is_dir()]
+    missing = [c for c in args.categories if ROOTS[c] is not None and not (REPO / ROOTS[c]).is_dir()]
     if missing:
-        sys.exit(f"--categories {missing}: no data under {[ROOTS[c] for c in missing]} (relative to the repository).")
+        sys.exit(f"--categories {missing}: no data under {[ROOTS[c] for c in missing]} (relative to the repository)."
+                 " Run the other categories with --categories.")
     todo = [(category, name) for category in args.categories for name in args.rows]
     for step, (category, name) in enumerate(todo, start=1):
         arguments = row_arguments(name, category, args.max_minutes)

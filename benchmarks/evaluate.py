@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from tempfile import mkdtemp
 
 import torch
 import yaml
@@ -30,6 +31,10 @@ from harness.machine import cpu_model as cpu_name
 from harness.models import build_model, default_input_side
 from harness.timing import wall_times
 from lightning.pytorch import seed_everything
+
+from flowad_plugins.data import SyntheticAD
+
+GENERATED = "generated"  # --category: the embedded generated data instead of a folder under --root
 
 
 def load_checkpoint_safely(path: Path) -> dict:
@@ -102,7 +107,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="CflowAD", help="flowad_plugins class or anomalib.<Name>")
     parser.add_argument("--root", default="../shared/data/mvtec_ad")
-    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--category", default="bottle",
+                        help="an MVTec-format category under --root, or 'generated': the embedded generated data "
+                             "(flowad_plugins.data.SyntheticAD, written to a temporary folder; --root unused)")
     parser.add_argument("--config", type=Path, default=None,
                         help="a configs/*.yaml: model class, init_args and max_epochs (instead of --model)")
     parser.add_argument("--image-size", type=int, default=None,
@@ -145,16 +152,12 @@ def main() -> None:
     image_size = args.image_size or default_input_side(args.model)
     model = build_model(args.model, init, image_size,
                         keep_anomalib_post_processor=args.keep_anomalib_post_processor)
-    datamodule = MVTecAD(
-        root=args.root,
-        category=args.category,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        num_workers=2,
-        val_split_mode="synthetic",
-        val_split_ratio=0.2,
-        seed=args.seed,
-    )
+    split = {"train_batch_size": args.batch_size, "eval_batch_size": args.batch_size, "num_workers": 2,
+             "val_split_mode": "synthetic", "val_split_ratio": 0.2, "seed": args.seed}
+    if args.category == GENERATED:
+        datamodule = SyntheticAD(root=Path(mkdtemp()) / GENERATED, category="object", image_size=256, **split)
+    else:
+        datamodule = MVTecAD(root=args.root, category=args.category, **split)
     budget = {"max_time": {"minutes": args.max_minutes}} if args.max_minutes else {}
     engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
                     default_root_dir="results_tmp", precision=args.precision, **budget)

@@ -244,7 +244,7 @@ def test_edge_table_is_copied_from_the_results_file() -> None:
 
 
 def test_accuracy_table_is_copied_from_the_results_files() -> None:
-    """The README's bottle/tire accuracy table equals what the result files of ``benchmarks/accuracy_table.py`` hold."""
+    """The README's accuracy table (bottle, tire, generated) equals the result files of ``accuracy_table.py``."""
     if str(REPO / "benchmarks") not in sys.path:
         sys.path.append(str(REPO / "benchmarks"))
     from accuracy_table import readme_rows
