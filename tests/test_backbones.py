@@ -231,3 +231,25 @@ def test_offline_lite_weights_get_the_normalisation_they_were_trained_with() -> 
                           for name, x in (("tf", (raw - 0.5) / 0.5), ("imagenet", (raw - mean) / std))}
     assert abs(variance_ratio["tf"] - 1) < abs(variance_ratio["imagenet"] - 1)
     assert not FeatureExtractor("resnet18", ["layer1"], pre_trained=False).renormalize
+
+
+def test_feature_cache_reuses_only_identical_images_and_respects_its_limit() -> None:
+    """Inside ``cache.active()`` an image seen before gets exactly the features it had; a changed image (e.g. a
+    random augmentation) is computed afresh; outside, nothing is cached; a full cache stops adding entries."""
+    extractor = FeatureExtractor("efficientnet_lite0", ["blocks.2", "blocks.4"], pre_trained=False)
+    images = torch.randn(3, 3, 64, 64)
+    expected = extractor(images)
+    assert len(extractor.cache) == 0
+    with extractor.cache.active():
+        extractor(images[:2])
+        mixed = torch.cat([images[2:], images[:1] + 0.5, images[1:2]])
+        features = extractor(mixed)
+    assert extractor.cache.hits == 1 and extractor.cache.misses == 4 and len(extractor.cache) == 4
+    torch.testing.assert_close(features[0][0], expected[0][2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features[1][2], expected[1][1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(features[0][1], expected[0][0])
+    extractor.cache.clear()
+    extractor.cache.max_bytes = extractor.cache.bytes_used + 1
+    with extractor.cache.active():
+        extractor(images)
+    assert len(extractor.cache) == 0 and extractor.cache.misses == 3

@@ -15,7 +15,7 @@ from anomalib.data import ImageBatch, InferenceBatch
 from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
 from conftest import SYNTHETIC_CLI_DATA
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch.nn import functional as F
 
 from flowad_plugins import FastFlow
@@ -219,11 +219,37 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     seed_everything(0)
     model = FastFlow(**TINY_FASTFLOW, pre_processor=FastFlow.configure_pre_processor((128, 128)),
                      post_processor=FlowPostProcessor(image_fpr=0.1, pixel_fpr=0.01))
-    engine = Engine(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+    engine = Engine(max_epochs=2, accelerator="cpu", devices=1, logger=False, callbacks=[RecordEpochs()],
                     default_root_dir=tmp_path_factory.mktemp("thresholds_run"), enable_progress_bar=False)
     engine.fit(model=model, datamodule=datamodule)
     predictions = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
     return model, engine, root, predictions
+
+
+class RecordEpochs(Callback):
+    """After each training epoch: the validation metrics logged, the threshold levels, the feature cache's hits."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        cache = pl_module.model.encoder.cache
+        self.epochs.append({"metrics": sorted(k for k in trainer.callback_metrics if k.startswith("val_")),
+                            "levels": sorted(k for k in ("image", "pixel") if k in pl_module.post_processor
+                                             .threshold_report), "hits": cache.hits, "misses": cache.misses})
+
+
+def test_pixel_validation_work_and_backbone_features_are_spent_once_per_fit(trained) -> None:
+    """Earlier validations compute image metrics and the image threshold only; the last one everything. The
+    training images' backbone features are computed in the first epoch and reused after it, then freed."""
+    model, engine, _, _ = trained
+    first, last = next(c for c in engine.trainer.callbacks if isinstance(c, RecordEpochs)).epochs
+    assert first["metrics"] == ["val_image_AUROC"] and first["levels"] == ["image"]
+    assert last["metrics"] == ["val_image_AUROC", "val_pixel_AUPRO", "val_pixel_AUROC"]
+    assert last["levels"] == ["image", "pixel"]
+    assert first["hits"] == 0 and first["misses"] == 80  # 80 training images (100 minus 20 held out)
+    assert last["misses"] == 80 and last["hits"] >= 80  # epoch 2 and the statistics pass read the cache
+    assert len(model.model.encoder.cache) == 0  # freed at the end of the fit
 
 
 def test_generated_normal_test_images_are_flagged_at_the_requested_rate(trained, capsys) -> None:

@@ -89,7 +89,7 @@ def fit_score_map_statistics(module: nn.Module, loader: Iterable) -> None:
     module.model.eval()
     try:
         def maps() -> Iterable[torch.Tensor]:
-            with scorer.plain_score_maps():
+            with scorer.plain_score_maps(), module.model.encoder.cache.active():  # features cached in training
                 for batch in loader:
                     images = batch.image.to(module.device)
                     images = module.pre_processor(images) if module.pre_processor else images

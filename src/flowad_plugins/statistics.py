@@ -84,6 +84,18 @@ class LikelihoodStatistics(nn.Module):
         self.reset()
 
 
+def is_last_validation_of_fit(trainer: Trainer) -> bool:
+    """Whether the validation now starting is the last of a fit (its scoring and thresholds are the ones kept):
+    the last epoch, or the trainer is stopping (time budget, early stopping). ``True`` outside a fit, and at every
+    validation of a fit without an epoch budget."""
+    state = getattr(trainer, "state", None)
+    if state is None or state.fn != TrainerFn.FITTING:
+        return True
+    known_end = trainer.max_epochs is not None and trainer.max_epochs >= 0
+    last_epoch = known_end and trainer.current_epoch + 1 >= trainer.max_epochs
+    return bool(last_epoch or trainer.should_stop or not known_end)
+
+
 class NormalStatisticsLifeCycle(Callback):
     """Reset at each training epoch's start, commit before validation and at the epoch's end (module docstring).
 
@@ -107,9 +119,7 @@ class NormalStatisticsLifeCycle(Callback):
         scorer = pl_module.model.scorer
         if not getattr(scorer, "position_score", False) or trainer.state.fn != TrainerFn.FITTING:
             return
-        known_end = trainer.max_epochs is not None and trainer.max_epochs >= 0
-        last_epoch = known_end and trainer.current_epoch + 1 >= trainer.max_epochs
-        if last_epoch or trainer.should_stop or not known_end:  # no epoch budget: before every validation
+        if is_last_validation_of_fit(trainer):
             from flowad_plugins.position_statistics import fit_score_map_statistics
 
             fit_score_map_statistics(pl_module, trainer.train_dataloader)

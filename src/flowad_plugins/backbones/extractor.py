@@ -16,6 +16,7 @@ from timm.models._features import FeatureGetterNet
 from torch import nn
 
 from .batch_norm_folding import fold_batch_norms, folded_conv_parameters
+from .feature_cache import FeatureCache
 from .weights import IMAGENET_MEAN, IMAGENET_STD, backbone_input_normalization, create_timm_model
 
 
@@ -91,9 +92,13 @@ class FeatureExtractor(nn.Module):
         # channels-last, which also makes the NHWC fiber view of CFLOW-AD a free reshape.
         if not self.is_transformer:
             self.extractor.to(memory_format=torch.channels_last)
+        # training images' features, computed once per fit (``feature_cache``); used only inside ``cache.active()``
+        self.cache = FeatureCache()
 
     def _fold_incoming_batch_norms(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-        """Load hook: fold batch-norm entries of a state dict saved before folding into their convolutions."""
+        """Load hook: fold batch-norm entries of a state dict saved before folding into their convolutions (and
+        drop cached features: the weights may change)."""
+        self.cache.clear()
         for conv_name, norm_name, eps in self.folded_batch_norms:
             conv_key, norm_key = f"{prefix}extractor.{conv_name}.", f"{prefix}extractor.{norm_name}."
             if f"{norm_key}running_var" not in state_dict:
@@ -173,10 +178,17 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Extract ``[B×C_l×h_l×w_l]`` from ImageNet-normalised images ``B×3×H×W`` (no gradients)."""
+        """Extract ``[B×C_l×h_l×w_l]`` from ImageNet-normalised images ``B×3×H×W`` (no gradients); inside
+        ``cache.active()``, images seen before get their cached maps."""
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"images must have shape B×3×H×W, got {tuple(images.shape)}."
             raise ValueError(msg)
+        if self.cache.enabled and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            return self.cache.features(images, self._extract)
+        return self._extract(images)
+
+    def _extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's forward pass (renormalised, channels-last input)."""
         if self.renormalize:
             images = images * self.input_scale + self.input_shift
         if not self.is_transformer:

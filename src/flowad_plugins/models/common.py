@@ -36,6 +36,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from flowad_plugins.checkpoints import MODEL_CLASS_KEY, check_checkpoint_matches
 from flowad_plugins.input_guard import check_channels
+from flowad_plugins.models.evaluation import FlowEvaluator
 from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
 from flowad_plugins.models.training_state import (  # re-exported for the models
     all_reduce_max,
@@ -156,7 +157,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
         Validation metrics (prefix ``val_``) are what model and hyper-parameter choices may look at;
         with a validation split from normal training images (+ synthetic anomalies) they never touch
-        the test set.
+        the test set. The pixel-level ones run at the last validation of a fit only (``FlowEvaluator``).
         """
         val_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="val_image_", strict=False),
@@ -170,7 +171,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
             F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
-        return Evaluator(val_metrics=val_metrics, test_metrics=test_metrics)
+        return FlowEvaluator(val_metrics=val_metrics, test_metrics=test_metrics)
 
     def configure_post_processor(self) -> FlowPostProcessor:
         """anomalib's thresholds with rank-preserving normalisation (see ``post_processing``)."""
@@ -192,6 +193,10 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     # --- training --------------------------------------------------------------------------------------------
 
+    def on_train_end(self) -> None:
+        """Free the training images' cached backbone features (``backbones.feature_cache``)."""
+        self.model.encoder.cache.clear()
+
     def on_train_start(self) -> None:
         """Refuse training sets too small to fit a flow and its normal-data statistics."""
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
@@ -210,17 +215,19 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         manual = not self.automatic_optimization
         optimizer = self.optimizers() if manual else None
         total, steps = torch.zeros((), device=batch.image.device), 0
-        for step in self.training_losses(batch):
-            if steps and not manual:
-                msg = f"{self.name}.training_losses yielded several losses under automatic optimization."
-                raise RuntimeError(msg)
-            self.check_finite_loss(step.loss, batch.image)
-            self.likelihood_statistics.update_all([None if v is None else v.detach() for v in step.log_likelihoods])
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                self.manual_backward(step.loss)
-                optimizer.step()
-            total, steps, last_loss = total + step.loss.detach(), steps + 1, step.loss
+        with self.model.encoder.cache.active():  # frozen backbone: each training image's features once per fit
+            for step in self.training_losses(batch):
+                if steps and not manual:
+                    msg = f"{self.name}.training_losses yielded several losses under automatic optimization."
+                    raise RuntimeError(msg)
+                self.check_finite_loss(step.loss, batch.image)
+                self.likelihood_statistics.update_all([None if v is None else v.detach()
+                                                       for v in step.log_likelihoods])
+                if optimizer is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    self.manual_backward(step.loss)
+                    optimizer.step()
+                total, steps, last_loss = total + step.loss.detach(), steps + 1, step.loss
         if not steps:
             msg = f"{self.name}.training_losses yielded no loss for a batch of {len(batch.image)} images."
             raise RuntimeError(msg)

@@ -13,6 +13,8 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
+from flowad_plugins.statistics import is_last_validation_of_fit
+
 from .metadata import finite_or_none
 from .normal_predictions import NormalValidationPredictions, normal_sample_paths
 from .summary import threshold_summary
@@ -104,14 +106,19 @@ class FlowPostProcessor(PostProcessor):
             self._normal_predictions.update(outputs)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Set normalisation statistics and thresholds (skipped during Lightning's sanity check)."""
+        """Set normalisation statistics and thresholds (skipped during Lightning's sanity check).
+
+        An earlier validation of a fit sets the image threshold only: the pixel threshold (a precision-recall curve
+        over every validation pixel, seconds per epoch at 640 px) is needed only from the last validation
+        (``is_last_validation_of_fit``), whose scoring and thresholds the model keeps.
+        """
         del pl_module
         if trainer.sanity_checking:
             self._reset_accumulators()
             return
         self._compute_normalization()
         if self.enable_thresholding and self._normal_predictions.update_called:
-            self._compute_thresholds()
+            self._compute_thresholds(pixel=is_last_validation_of_fit(trainer))
         self._reset_accumulators()
 
     @rank_zero_only
@@ -139,17 +146,17 @@ class FlowPostProcessor(PostProcessor):
                 low.copy_(value_min)
                 high.copy_(value_max)
 
-    def _compute_thresholds(self) -> None:
+    def _compute_thresholds(self, pixel: bool = True) -> None:
         normal_scores, normal_maps, anomalous = self._normal_predictions.compute()
         normal_images = int(normal_scores.numel())
         self._check_counts(normal_images)
         f1_image = self._f1_threshold(self._image_threshold_metric) if anomalous else None
-        f1_pixel = self._f1_threshold(self._pixel_threshold_metric) if anomalous else None
+        f1_pixel = self._f1_threshold(self._pixel_threshold_metric) if anomalous and pixel else None
         report: dict[str, Any] = {"normal_images": normal_images, "anomalous_images": anomalous}
         report["image"] = level_threshold_report(
             "image", normal_scores, self.image_fpr, DEFAULT_IMAGE_FPR, f1_image, normal_images
         )
-        if normal_maps is not None:
+        if normal_maps is not None and pixel:
             report["pixel"] = level_threshold_report(
                 "pixel", normal_maps, self.pixel_fpr, DEFAULT_PIXEL_FPR, f1_pixel, normal_images
             )
