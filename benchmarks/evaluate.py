@@ -21,20 +21,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from tempfile import mkdtemp
 
 import torch
 import yaml
-from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from harness.datasets import validation_split_datamodule
 from harness.machine import cpu_model as cpu_name
 from harness.models import build_model, default_input_side
 from harness.timing import wall_times
 from lightning.pytorch import seed_everything
-
-from flowad_plugins.data import SyntheticAD
-
-GENERATED = "generated"  # --category: the embedded generated data instead of a folder under --root
 
 
 def load_checkpoint_safely(path: Path) -> dict:
@@ -152,12 +147,8 @@ def main() -> None:
     image_size = args.image_size or default_input_side(args.model)
     model = build_model(args.model, init, image_size,
                         keep_anomalib_post_processor=args.keep_anomalib_post_processor)
-    split = {"train_batch_size": args.batch_size, "eval_batch_size": args.batch_size, "num_workers": 2,
-             "val_split_mode": "synthetic", "val_split_ratio": 0.2, "seed": args.seed}
-    if args.category == GENERATED:
-        datamodule = SyntheticAD(root=Path(mkdtemp()) / GENERATED, category="object", image_size=256, **split)
-    else:
-        datamodule = MVTecAD(root=args.root, category=args.category, **split)
+    datamodule = validation_split_datamodule(args.category, args.batch_size, root=args.root, num_workers=2,
+                                             seed=args.seed)
     budget = {"max_time": {"minutes": args.max_minutes}} if args.max_minutes else {}
     engine = Engine(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False,
                     default_root_dir="results_tmp", precision=args.precision, **budget)

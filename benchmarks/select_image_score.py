@@ -34,8 +34,8 @@ from tempfile import mkdtemp
 import numpy as np
 import torch
 import yaml
-from anomalib.data import MVTecAD
 from anomalib.engine import Engine
+from harness.datasets import validation_split_datamodule
 from harness.machine import cpu_model
 from harness.report import metric_cell
 from lightning.pytorch import seed_everything
@@ -43,12 +43,10 @@ from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 import flowad_plugins
-from flowad_plugins.data import SyntheticAD
 from flowad_plugins.position_statistics import ScoreMapStatistics, fit_score_map_statistics
 from flowad_plugins.scoring import SeparableGaussianBlur
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
            "CSFlow": "csflow_efficientnet_lite0.yaml"}
@@ -59,16 +57,7 @@ PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this sid
 
 def datamodule(category: str, batch_size: int):
     """The category's datamodule with validation = 20 % of train/good + synthetic anomalies (seed 0)."""
-    common = {"train_batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": 0,
-              "val_split_mode": "synthetic", "val_split_ratio": 0.2, "seed": 0}
-    if category == "bottle":
-        return MVTecAD(root=SHARED / "mvtec_ad", category="bottle", **common)
-    if category == "tire":
-        return MVTecAD(root=SHARED / "mvtec_3d_rgb", category="tire", **common)
-    if category == "generated":
-        return SyntheticAD(root=Path(mkdtemp()) / "generated", category="object", image_size=256, **common)
-    msg = f"unknown category {category!r}"
-    raise ValueError(msg)
+    return validation_split_datamodule(category, batch_size)
 
 
 def shipped_model(name: str):
@@ -122,6 +111,10 @@ def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict
         scores[f"top_mean_{fraction:g}"] = flat.topk(count, dim=1).values.mean(dim=1)
     scores["position_z_max"] = position_z.flatten(1).amax(dim=1)
     scores["position_z_smoothed_max_s4"] = smoothed(position_z, 4.0).flatten(1).amax(dim=1)
+    for tolerance in (1 / 16, 1 / 8):
+        tolerant = statistics.standardise(maps[:, None], tolerance=tolerance)[:, 0]
+        scores[f"position_z_tolerant_{tolerance:g}_max"] = tolerant.flatten(1).amax(dim=1)
+        scores[f"position_z_tolerant_{tolerance:g}_smoothed_max_s4"] = smoothed(tolerant, 4.0).flatten(1).amax(dim=1)
     return scores, position_z
 
 

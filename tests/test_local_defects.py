@@ -47,3 +47,33 @@ def test_the_same_seed_gives_the_same_defect_and_an_unknown_kind_is_named() -> N
 def test_bad_shapes_are_named(image_shape: tuple, donor_shape: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         add_local_defect(torch.rand(image_shape), torch.rand(donor_shape), np.random.default_rng(0), "spot")
+
+
+def test_the_local_defect_validation_holds_every_held_out_image_whatever_the_global_random_state(
+    synthetic_root,
+) -> None:
+    import sys
+    from pathlib import Path
+
+    from flowad_plugins.data import SyntheticAD
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)
+    from local_defect_validation import held_out_normal_images, local_defect_batches
+
+    def batches(global_seed: int) -> list:
+        data = SyntheticAD(root=synthetic_root, category="surface", image_size=128, num_train=16, num_test_good=4,
+                           num_test_per_defect=3, train_batch_size=8, eval_batch_size=8,
+                           val_split_mode="synthetic", val_split_ratio=0.25, seed=0)
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)  # anomalib's synthetic split picks its normal half with the global generator
+        data.setup("fit")
+        assert len(held_out_normal_images(data)) == len(data.val_data.source_samples) == 4
+        return local_defect_batches(data, batch_size=8)
+
+    first, second = batches(0), batches(1)
+    assert sum(len(batch.gt_label) for batch in first) == 4 * (1 + len(KINDS))
+    for one, other in zip(first, second, strict=True):
+        torch.testing.assert_close(one.image, other.image)
+        assert torch.equal(one.gt_mask, other.gt_mask) and torch.equal(one.gt_label, other.gt_label)
