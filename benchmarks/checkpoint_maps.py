@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import maps_figure
-from select_image_score import datamodule, load_selection_checkpoint, shipped_model
+from select_image_score import datamodule, load_selection_checkpoint, model_inputs, shipped_model
 
 STEMS = {"CflowAD": "cflow_ad", "FastFlow": "fastflow", "CSFlow": "csflow"}
 
@@ -40,7 +40,7 @@ def save_maps(name: str, checkpoint: Path, category: str, count: int, out: Path)
     chosen = [defective[int(i)] for i in np.linspace(0, len(defective) - 1, count)]
     items = [data.test_data[index] for index in chosen]
     images = torch.stack([item.image.as_subclass(torch.Tensor) for item in items])
-    maps = model.model(model.pre_processor(images)).anomaly_map
+    maps = model.model(model_inputs(model, images)).anomaly_map
     maps = torch.nn.functional.interpolate(maps.reshape(len(images), 1, *maps.shape[-2:]), size=images.shape[-2:],
                                            mode="bilinear", align_corners=False)[:, 0]
     folders = [Path(item.image_path).parent for item in items]  # <defect>/ or, in MVTec 3D-AD, <defect>/rgb/

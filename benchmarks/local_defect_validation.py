@@ -6,9 +6,10 @@ validation split (20 % of train/good, seed 0; never the test split) get local de
 patch, a soft spot or a short scratch, 2–12 % of the shorter side), so the split holds every held-out normal image
 once as normal and once with each kind of defect. Rows with ``"val_normals": "all_held_out"`` use all of them;
 older rows used the random half that anomalib's synthetic split keeps normal, which changes with the global random
-state (a model trained in the run and the same model loaded from its checkpoint then see different images). Each
-model is scored with the same candidates as ``select_image_score.py`` (image AUROC per image score; pixel AUROC of
-the map).
+state (a model trained in the run and the same model loaded from its checkpoint then see different images), and
+rows without ``"input_resize": "antialiased"`` resized the validation frames without antialiasing (the export
+path) while the model had trained on antialiased ones. Each model is scored with the same candidates as
+``select_image_score.py`` (image AUROC per image score; pixel AUROC of the map).
 
 A model is either trained (shipped config, ``--init key=value`` overrides, ``--max-minutes`` of training) or
 loaded from ``--checkpoints DIR/<model>_<category>.ckpt`` (e.g. the ones ``select_image_score.py
@@ -147,7 +148,7 @@ def main() -> None:
             train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
             maps, labels, masks = unsmoothed_maps(model, local_defect_batches(data, args.batch_size))
             rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,
-                         "val_normals": "all_held_out",
+                         "val_normals": "all_held_out", "input_resize": "antialiased",
                          **made, **analyse(train_maps, maps, labels, masks)})
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"machine": cpu_model(), "results": rows}, indent=1) + "\n")

@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import binary_auroc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.machine import cpu_model
 from lightning.pytorch import seed_everything
-from select_image_score import RESULTS, datamodule, load_selection_checkpoint, shipped_model
+from select_image_score import RESULTS, datamodule, load_selection_checkpoint, model_inputs, shipped_model
 
 from flowad_plugins.data.local_defects import part_score
 from flowad_plugins.position_statistics import ScoreMapStatistics
@@ -60,7 +60,7 @@ def model_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     maps, masks, images = [], [], []
     model.eval()
     for batch in loader:
-        inputs = model.pre_processor(batch.image) if model.pre_processor else batch.image
+        inputs = model_inputs(model, batch.image)
         output = model.model(inputs)
         maps.append(_small(output.anomaly_map.reshape(len(inputs), *output.anomaly_map.shape[-2:])))
         mask = batch.gt_mask.float().reshape(len(inputs), 1, *batch.gt_mask.shape[-2:])

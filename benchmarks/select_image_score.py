@@ -74,6 +74,13 @@ def load_selection_checkpoint(model, checkpoint: Path) -> None:
     model.load_state_dict({k: v for k, v in state.items() if ".position_" not in k})
 
 
+def model_inputs(model, images: torch.Tensor) -> torch.Tensor:
+    """``images`` (``B×3×H×W``, any size) resized and normalised as the Engine does in training, validation and test:
+    the pre-processor's ``transform`` (antialiased resize). Its ``forward`` is the export path, which resizes without
+    antialiasing; on frames larger than the model that gives other pixels than the ones the model was trained on."""
+    return model.pre_processor.transform(images) if model.pre_processor else images
+
+
 @torch.no_grad()
 def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``."""
@@ -81,7 +88,7 @@ def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     model.eval()
     with model.model.scorer.plain_score_maps():
         for batch in loader:
-            images = model.pre_processor(batch.image) if model.pre_processor else batch.image
+            images = model_inputs(model, batch.image)
             output = model.model(images)
             maps.append(output.anomaly_map.float().reshape(len(images), *output.anomaly_map.shape[-2:]))
             labels.append(batch.gt_label.reshape(-1).int())
@@ -95,6 +102,26 @@ def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def smoothed(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return SeparableGaussianBlur(sigma)(maps[:, None])[:, 0]
+
+
+def shift_tolerant_standardised(statistics: ScoreMapStatistics, maps: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """``N×H×W`` maps standardised per position, each position with the statistics of the position within
+    ``±tolerance`` of the side (a 5×5 grid of offsets) that makes it least unusual: for parts that sit a little
+    differently in every frame, a normal structure that has moved is forgiven, a defect (unusual everywhere near) is
+    not. A validation candidate (``position_z_tolerant_*``), not used by the models."""
+    height, width = maps.shape[-2:]
+    mean, std = (v if v.shape == maps.shape[-2:] else
+                 F.interpolate(v[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+                 for v in (statistics.map_mean, statistics.map_std))
+    reach_h, reach_w = round(tolerance * height), round(tolerance * width)
+    padded = [F.pad(v[None, None], (reach_w, reach_w, reach_h, reach_h), mode="replicate")[0, 0] for v in (mean, std)]
+    least = None
+    for dy in sorted({round(reach_h * f) for f in (-1, -0.5, 0, 0.5, 1)}):
+        for dx in sorted({round(reach_w * f) for f in (-1, -0.5, 0, 0.5, 1)}):
+            window = (slice(reach_h + dy, reach_h + dy + height), slice(reach_w + dx, reach_w + dx + width))
+            z = (maps - padded[0][window]) / padded[1][window]
+            least = z if least is None else torch.minimum(least, z)
+    return least
 
 
 def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -112,7 +139,7 @@ def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict
     scores["position_z_max"] = position_z.flatten(1).amax(dim=1)
     scores["position_z_smoothed_max_s4"] = smoothed(position_z, 4.0).flatten(1).amax(dim=1)
     for tolerance in (1 / 16, 1 / 8):
-        tolerant = statistics.standardise(maps[:, None], tolerance=tolerance)[:, 0]
+        tolerant = shift_tolerant_standardised(statistics, maps, tolerance)
         scores[f"position_z_tolerant_{tolerance:g}_max"] = tolerant.flatten(1).amax(dim=1)
         scores[f"position_z_tolerant_{tolerance:g}_smoothed_max_s4"] = smoothed(tolerant, 4.0).flatten(1).amax(dim=1)
     return scores, position_z
@@ -135,7 +162,7 @@ def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, 
     if bool(masks.any()):
         size = [min(side, PIXEL_METRIC_SIZE) for side in maps.shape[-2:]]
         target = F.interpolate(masks[:, None].float(), size=size, mode="nearest").flatten().int()
-        for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)),
+        for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)), ("map_s8", smoothed(maps, 8.0)),
                              ("position_z_s4", smoothed(position_z, 4.0))):
             resized = F.interpolate(values[:, None], size=size, mode="area").flatten()
             pixel[name] = round(float(binary_auroc(resized, target)), 4)

@@ -62,31 +62,13 @@ class ScoreMapStatistics(nn.Module):
         self.map_mean = mean.float().to(self.map_mean.device)
         self.map_std = variance.sqrt().clamp_min(MIN_STD_FRACTION * overall).float().to(self.map_std.device)
 
-    def standardise(self, maps: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:
-        """``(maps − mean)/std`` per position for ``B×1×H×W`` maps; statistics of another size are resized.
-
-        ``tolerance`` > 0 (a fraction of each side) allows for parts that sit a little differently in every frame:
-        each position is standardised with the statistics of the position, within ``±tolerance`` of the side, that
-        makes it least unusual (the minimum over a 5×5 grid of offsets), so a normal structure that has moved
-        does not count as a defect, while a defect, unusual at every nearby position, still does.
-        """
+    def standardise(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(maps − mean)/std`` per position for ``B×1×H×W`` maps; statistics of another size are resized."""
         mean, std = self.map_mean, self.map_std
         if mean.shape != maps.shape[-2:]:
             mean, std = (nn.functional.interpolate(v[None, None], size=maps.shape[-2:], mode="bilinear",
                                                    align_corners=False)[0, 0] for v in (mean, std))
-        if tolerance <= 0:
-            return (maps - mean) / std
-        height, width = maps.shape[-2:]
-        reach_h, reach_w = round(tolerance * height), round(tolerance * width)
-        padded = [nn.functional.pad(v[None, None], (reach_w, reach_w, reach_h, reach_h), mode="replicate")[0, 0]
-                  for v in (mean, std)]
-        least = None
-        for dy in sorted({round(reach_h * f) for f in (-1, -0.5, 0, 0.5, 1)}):
-            for dx in sorted({round(reach_w * f) for f in (-1, -0.5, 0, 0.5, 1)}):
-                window = (slice(reach_h + dy, reach_h + dy + height), slice(reach_w + dx, reach_w + dx + width))
-                z = (maps - padded[0][window]) / padded[1][window]
-                least = z if least is None else torch.minimum(least, z)
-        return least
+        return (maps - mean) / std
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         """Take the checkpoint's shapes; a checkpoint without these buffers loads them empty (not fitted)."""
