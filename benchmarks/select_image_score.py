@@ -163,6 +163,7 @@ def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, 
         size = [min(side, PIXEL_METRIC_SIZE) for side in maps.shape[-2:]]
         target = F.interpolate(masks[:, None].float(), size=size, mode="nearest").flatten().int()
         for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)), ("map_s8", smoothed(maps, 8.0)),
+                             ("map_s12", smoothed(maps, 12.0)), ("map_s16", smoothed(maps, 16.0)),
                              ("position_z_s4", smoothed(position_z, 4.0))):
             resized = F.interpolate(values[:, None], size=size, mode="area").flatten()
             pixel[name] = round(float(binary_auroc(resized, target)), 4)
