@@ -110,9 +110,7 @@ def shift_tolerant_standardised(statistics: ScoreMapStatistics, maps: torch.Tens
     differently in every frame, a normal structure that has moved is forgiven, a defect (unusual everywhere near) is
     not. A validation candidate (``position_z_tolerant_*``), not used by the models."""
     height, width = maps.shape[-2:]
-    mean, std = (v if v.shape == maps.shape[-2:] else
-                 F.interpolate(v[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-                 for v in (statistics.map_mean, statistics.map_std))
+    mean, std = statistics.resized((height, width))
     reach_h, reach_w = round(tolerance * height), round(tolerance * width)
     padded = [F.pad(v[None, None], (reach_w, reach_w, reach_h, reach_h), mode="replicate")[0, 0] for v in (mean, std)]
     least = None

@@ -62,12 +62,17 @@ class ScoreMapStatistics(nn.Module):
         self.map_mean = mean.float().to(self.map_mean.device)
         self.map_std = variance.sqrt().clamp_min(MIN_STD_FRACTION * overall).float().to(self.map_std.device)
 
+    def resized(self, size: tuple[int, int] | torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)``, each ``H×W`` for ``size = (H, W)``: bilinearly resized if fitted on maps of another size."""
+        mean, std = self.map_mean, self.map_std
+        if mean.shape != tuple(size):
+            mean, std = (nn.functional.interpolate(v[None, None], size=tuple(size), mode="bilinear",
+                                                   align_corners=False)[0, 0] for v in (mean, std))
+        return mean, std
+
     def standardise(self, maps: torch.Tensor) -> torch.Tensor:
         """``(maps − mean)/std`` per position for ``B×1×H×W`` maps; statistics of another size are resized."""
-        mean, std = self.map_mean, self.map_std
-        if mean.shape != maps.shape[-2:]:
-            mean, std = (nn.functional.interpolate(v[None, None], size=maps.shape[-2:], mode="bilinear",
-                                                   align_corners=False)[0, 0] for v in (mean, std))
+        mean, std = self.resized(maps.shape[-2:])
         return (maps - mean) / std
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
