@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def main() -> None:
     init = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.init)}
     local = {str(args.checkpoints), str(args.save_checkpoints)}  # local folders: not part of the result
     shown = ["DIR" if a in local else a for a in sys.argv[1:]]
-    command = "python benchmarks/local_defect_validation.py " + " ".join(shown)
+    command = shlex.join(["python", "benchmarks/local_defect_validation.py", *shown])  # pastes as is
     path = args.out.with_suffix(".json")
     rows = json.loads(path.read_text())["results"] if path.is_file() else []
     for category in args.categories:
