@@ -37,6 +37,7 @@ import yaml
 from anomalib.data.utils import read_image
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
+from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.machine import cpu_model
@@ -52,6 +53,7 @@ from select_image_score import (
 )
 
 from flowad_plugins.data.local_defects import KINDS, add_local_defect
+from flowad_plugins.position_statistics import ScoreMapStatistics
 
 
 def held_out_normal_images(data) -> list[torch.Tensor]:
@@ -80,6 +82,30 @@ def local_defect_batches(data, batch_size: int, seed: int = 0) -> list[SimpleNam
     return [SimpleNamespace(image=torch.stack([s[0] for s in chunk]), gt_label=torch.tensor([s[1] for s in chunk]),
                             gt_mask=torch.stack([s[2] for s in chunk]))
             for chunk in (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))]
+
+
+@torch.no_grad()
+def per_scale_maps(model, loader) -> list[torch.Tensor]:
+    """One ``N×H×W`` unsmoothed map per scale of the model (higher = more anomalous), as the scorer combines it."""
+    return [unsmoothed_maps(model, loader, map_scales=[scale])[0]
+            for scale in range(model.model.scorer.statistics.mean.numel())]
+
+
+def per_scale_scores(train_maps: list[torch.Tensor], maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Image-score candidates from each scale's map standardised per position (normal-training statistics):
+    the maximum of each scale alone, the maximum over scales, and the maximum of their mean. The shipped score
+    standardises the *combined* map instead; in the likelihood combination ``−log Σ_l exp(−a_l)`` the least
+    anomalous scale dominates, so a defect that only one scale sees is damped there but not here."""
+    standardised = []
+    for train, values in zip(train_maps, maps, strict=True):
+        statistics = ScoreMapStatistics()
+        statistics.fit([train])
+        standardised.append(statistics.standardise(values[:, None])[:, 0])
+    stacked = torch.stack(standardised)  # S×N×H×W
+    scores = {f"scale{scale}_z_max": z.flatten(1).amax(dim=1) for scale, z in enumerate(standardised)}
+    scores["scales_z_max_of_max"] = stacked.flatten(2).amax(dim=2).amax(dim=0)
+    scores["scales_z_mean_max"] = stacked.mean(dim=0).flatten(1).amax(dim=1)
+    return scores
 
 
 def prepared_model(name: str, category: str, init: dict, checkpoints: Path | None, max_minutes: float,
@@ -130,6 +156,8 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=5.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--save-checkpoints", type=Path, default=None, help="folder for trained checkpoints")
+    parser.add_argument("--per-scale", action="store_true",
+                        help="also score each scale's per-position standardised map (per_scale_scores)")
     parser.add_argument("--tag", required=True)
     parser.add_argument("--out", type=Path, default=RESULTS / "local_defect_validation")
     args = parser.parse_args()
@@ -147,10 +175,17 @@ def main() -> None:
             model, data, made = prepared_model(name, category, init, args.checkpoints, args.max_minutes,
                                                args.batch_size, args.save_checkpoints)
             train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
-            maps, labels, masks = unsmoothed_maps(model, local_defect_batches(data, args.batch_size))
+            batches = local_defect_batches(data, args.batch_size)
+            maps, labels, masks = unsmoothed_maps(model, batches)
+            extra = {}
+            if args.per_scale:
+                scale_scores = per_scale_scores(per_scale_maps(model, data.train_dataloader()),
+                                                per_scale_maps(model, batches))
+                extra["val_image_AUROC_per_scale"] = {name: round(float(binary_auroc(values, labels)), 4)
+                                                      for name, values in scale_scores.items()}
             rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,
                          "val_normals": "all_held_out", "input_resize": "antialiased",
-                         **made, **analyse(train_maps, maps, labels, masks)})
+                         **made, **analyse(train_maps, maps, labels, masks), **extra})
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"machine": cpu_model(), "results": rows}, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(markdown(rows, command))

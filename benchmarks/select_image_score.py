@@ -82,11 +82,14 @@ def model_inputs(model, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def unsmoothed_maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``."""
+def unsmoothed_maps(model, loader, map_scales: list[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``; the map
+    of every scale, or of ``map_scales`` only."""
     maps, labels, masks = [], [], []
     model.eval()
     with model.model.scorer.plain_score_maps():
+        model.model.scorer.map_scales = map_scales  # the context restores the model's own on exit
         for batch in loader:
             images = model_inputs(model, batch.image)
             output = model.model(images)
