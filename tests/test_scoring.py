@@ -126,6 +126,35 @@ def test_map_scales_restrict_the_map_not_the_score(aggregation: str) -> None:
 
 
 @pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
+@pytest.mark.parametrize("blur_sigma", [0.0, 4.0])
+def test_score_scales_restrict_the_score_not_the_map(aggregation: str, blur_sigma: float) -> None:
+    """``score_scales=[-1]``: the image score is the coarsest scale's maximum (also once standardised per
+    position), while the map keeps every scale; ``plain_score_maps`` yields the map the score is taken from."""
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
+    every = AnomalyScorer(3, aggregation=aggregation, blur_sigma=blur_sigma)
+    coarsest = AnomalyScorer(3, aggregation=aggregation, blur_sigma=blur_sigma, score_scales=[-1])
+    only_coarsest = AnomalyScorer(1, aggregation=aggregation)
+    out_every, out_coarsest = every(maps, (16, 16)), coarsest(maps, (16, 16))
+    torch.testing.assert_close(out_coarsest.anomaly_map, out_every.anomaly_map)
+    alone = only_coarsest(maps[2:], (16, 16))
+    torch.testing.assert_close(out_coarsest.pred_score, alone.pred_score)
+    assert not torch.allclose(out_coarsest.pred_score, out_every.pred_score)
+    with coarsest.plain_score_maps():
+        score_map = coarsest(maps, (16, 16)).anomaly_map
+    torch.testing.assert_close(score_map, alone.anomaly_map)
+
+    coarsest.position_score = True
+    coarsest.map_statistics.fit([torch.randn(4, 1, 16, 16)])
+    expected = coarsest.map_statistics.standardise(alone.anomaly_map).flatten(1).amax(dim=1)
+    torch.testing.assert_close(coarsest(maps, (16, 16)).pred_score, expected)
+    assert coarsest.score_scales == [2]
+    assert AnomalyScorer(3, score_scales=[0, 1, 2]).score_scales is None
+    with pytest.raises(ValueError, match="score_scales must be a non-empty subset of \\[0, 1, 2\\], got \\[-4\\]"):
+        AnomalyScorer(3, score_scales=[-4])
+
+
+@pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
 @pytest.mark.parametrize("blur_sigma", [0.0, 2.0, 3.0])
 def test_score_blur_is_the_maximum_of_the_smoothed_unsmoothed_map(aggregation: str, blur_sigma: float) -> None:
     """``score_blur_sigma`` σ: the score is the maximum of the every-scale map before the map's own blur, smoothed

@@ -96,6 +96,21 @@ class SeparableGaussianBlur(nn.Module):
         return F.conv2d(F.pad(maps, (0, 0, pad_h, pad_h), mode="reflect"), vertical)
 
 
+def _scale_subset(name: str, scales: Sequence[int] | None, num_scales: int) -> list[int] | None:
+    """``scales`` (negative = from the coarsest: ``-1`` is the last) sorted and checked against ``num_scales``;
+    ``None`` (= every scale) for all of them."""
+    if scales is None:
+        return None
+    if any(not -num_scales <= int(scale) < num_scales for scale in scales):
+        chosen = []
+    else:
+        chosen = sorted({int(scale) % num_scales for scale in scales})
+    if not chosen:
+        msg = f"{name} must be a non-empty subset of {list(range(num_scales))}, got {list(scales)}."
+        raise ValueError(msg)
+    return None if chosen == list(range(num_scales)) else chosen
+
+
 def _gaussian_blur(name: str, sigma: float) -> tuple[float, nn.Module]:
     """``(σ, its blur)`` for the parameter ``name``: ``SeparableGaussianBlur(σ)``, or identity for 0."""
     if sigma < 0:
@@ -120,14 +135,16 @@ class AnomalyScorer(nn.Module):
     In both the image score is the maximum of the combination of all scales before the map's smoothing,
     blurred with its own ``score_blur_sigma`` (chosen on validation of several categories,
     ``benchmarks/select_image_score.py``; 0 = the plain maximum). ``map_scales`` may restrict the returned map
-    to some scales (e.g. ``[0]``, the finest, as CS-Flow's official code localises); the score still uses
-    every scale.
+    to some scales (e.g. ``[0]``, the finest, as CS-Flow's official code localises); ``score_scales`` does the
+    same for the image score (e.g. FastFlow's coarsest scale: its finest one is noisy, and in the likelihood
+    combination the least anomalous scale dominates).
 
     Args:
         num_scales: number of log-likelihood maps per image.
         blur_sigma: standard deviation (input pixels) of a Gaussian smoothing of the final map; 0 = none.
         aggregation: ``"standardized"`` or ``"likelihood"`` (see above).
         map_scales: indices of the scales combined into ``anomaly_map``; ``None`` = all.
+        score_scales: indices of the scales combined into the map whose maximum is the image score; ``None`` = all.
         score_blur_sigma: standard deviation (input pixels) of the Gaussian smoothing of the map whose maximum is
             the image score; 0 = none.
         position_score: image score from the unsmoothed map standardised *per position* with its mean and
@@ -150,19 +167,14 @@ class AnomalyScorer(nn.Module):
         map_scales: Sequence[int] | None = None,
         score_blur_sigma: float = 0.0,
         position_score: bool = False,
+        score_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
             msg = f"aggregation must be one of {list(self.AGGREGATIONS)}, got {aggregation!r}."
             raise ValueError(msg)
-        if map_scales is not None:
-            map_scales = sorted({int(scale) for scale in map_scales})
-            if not map_scales or map_scales[0] < 0 or map_scales[-1] >= num_scales:
-                msg = f"map_scales must be a non-empty subset of {list(range(num_scales))}, got {map_scales}."
-                raise ValueError(msg)
-            if map_scales == list(range(num_scales)):
-                map_scales = None
-        self.map_scales = map_scales
+        self.map_scales = _scale_subset("map_scales", map_scales, num_scales)
+        self.score_scales = _scale_subset("score_scales", score_scales, num_scales)
         self.aggregation = aggregation
         self.statistics = LikelihoodStatistics(num_scales)
         self.blur_sigma = blur_sigma
@@ -201,10 +213,10 @@ class AnomalyScorer(nn.Module):
 
     @contextmanager
     def plain_score_maps(self) -> Iterator[None]:
-        """Within: ``anomaly_map`` is the unsmoothed map of every scale that the image score is taken from (no map
-        blur, no ``map_scales``, no position standardisation), e.g. to fit ``map_statistics``."""
+        """Within: ``anomaly_map`` is the unsmoothed map that the image score is taken from (its ``score_scales``, no
+        map blur, no position standardisation), e.g. to fit ``map_statistics``."""
         saved = self.blur_sigma, self.map_scales, self.position_score
-        self.blur_sigma, self.map_scales, self.position_score = 0.0, None, False
+        self.blur_sigma, self.map_scales, self.position_score = 0.0, self.score_scales, False
         try:
             yield
         finally:
@@ -233,28 +245,28 @@ class AnomalyScorer(nn.Module):
 
     @property
     def _map_is_unsmoothed(self) -> bool:
-        """The map equals the score's unsmoothed combination (no blur, every scale): computed once."""
-        return self.blur_sigma == 0 and self.map_scales is None
+        """The map equals the score's unsmoothed combination (no blur, the same scales): computed once."""
+        return self.blur_sigma == 0 and self.map_scales == self.score_scales
 
     @property
     def _map_is_score_map(self) -> bool:
-        """The standardised map equals the score's smoothed combination (same blur, every scale): computed once."""
-        return self.blur_sigma == self.score_blur_sigma and self.map_scales is None
+        """The standardised map equals the score's smoothed combination (same blur, same scales): computed once."""
+        return self.blur_sigma == self.score_blur_sigma and self.map_scales == self.score_scales
 
     def _score(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
         stats = self.statistics
         size = (int(output_size[0]), int(output_size[1]))
         maps = [(stats.mean[scale] - log_likelihood.float()) / stats.std[scale]
                 for scale, log_likelihood in enumerate(log_likelihoods)]
-        # the score from every scale, with its own smoothing: the map's blur must not dilute small defects
-        unsmoothed = self._resampled(maps, size, smooth=False, mean=True)
+        # the score from its scales, with its own smoothing: the map's blur must not dilute small defects
+        unsmoothed = self._resampled(maps, size, smooth=False, scales=self.score_scales, mean=True)
         anomaly_map = (unsmoothed if self._map_is_unsmoothed else
                        self._resampled(maps, size, smooth=True, scales=self.map_scales, mean=True))
         if self.position_score and self.map_statistics.fitted:
             return InferenceBatch(pred_score=self._image_score(unsmoothed), anomaly_map=anomaly_map)
         # the smoothing is linear here: resampled from the small maps at once (or the map itself, when equal)
         score_map = (unsmoothed if self.score_blur_sigma == 0 else anomaly_map if self._map_is_score_map else
-                     self._resampled(maps, size, smooth=True, mean=True, for_score=True))
+                     self._resampled(maps, size, smooth=True, scales=self.score_scales, mean=True, for_score=True))
         return InferenceBatch(pred_score=score_map.flatten(1).amax(dim=1), anomaly_map=anomaly_map)
 
     def _score_likelihood(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
@@ -263,7 +275,7 @@ class AnomalyScorer(nn.Module):
         size = (int(output_size[0]), int(output_size[1]))
         relative = [(log_likelihood.float() - stats.mean[scale]).clamp_min(self.MIN_RELATIVE_LOG_LIKELIHOOD).exp()
                     for scale, log_likelihood in enumerate(log_likelihoods)]
-        unsmoothed = self._resampled(relative, size, smooth=False)
+        unsmoothed = self._resampled(relative, size, smooth=False, scales=self.score_scales)
         probability = unsmoothed if self._map_is_unsmoothed else self._resampled(relative, size, smooth=True,
                                                                                  scales=self.map_scales)
         if self.score_blur_sigma == 0 and not (self.position_score and self.map_statistics.fitted):

@@ -41,6 +41,9 @@ class FastFlow(FlowAnomalibModule):
             (0 = the plain maximum; chosen on validation of several categories).
         position_score: image score from the unsmoothed map standardised per position with normal training
             statistics (``AnomalyScorer``); the map is unchanged.
+        score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
+            The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
+            small-defect validation of bottle, tire and generated data (``docs/results.md``).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
@@ -65,6 +68,7 @@ class FastFlow(FlowAnomalibModule):
         blur_sigma: float = 0.0,
         score_blur_sigma: float = 0.0,
         position_score: bool = True,
+        score_scales: Sequence[int] | None = (-1,),
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         input_size: Sequence[int] | None = None,
@@ -104,11 +108,20 @@ class FastFlow(FlowAnomalibModule):
             blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
             position_score=position_score,
+            score_scales=score_scales,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)
         self.lr = lr
         self.weight_decay = weight_decay
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written before ``score_scales`` existed scored the map of every scale and fitted its
+        per-position statistics on it: it keeps scoring that way."""
+        super().on_load_checkpoint(checkpoint)
+        if "score_scales" not in checkpoint.get("hyper_parameters", {}):
+            self.model.scorer.score_scales = None
+            self.hparams["score_scales"] = None
 
     def build_for_input_size(self, input_size: tuple[int, int]) -> None:
         """Rebuild the (untrained) layer norms and flows for the feature shapes at ``input_size``."""

@@ -74,6 +74,9 @@ class FastFlowModel(nn.Module):
             (0 = the plain maximum; chosen on validation of several categories).
         position_score: image score from the unsmoothed map standardised per position with normal training
             statistics (``AnomalyScorer``); the map is unchanged.
+        score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
+            The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
+            small-defect validation of bottle, tire and generated data (``docs/results.md``).
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
@@ -97,6 +100,7 @@ class FastFlowModel(nn.Module):
         blur_sigma: float = 0.0,
         score_blur_sigma: float = 0.0,
         position_score: bool = True,
+        score_scales: Sequence[int] | None = (-1,),
     ) -> None:
         super().__init__()
         for name, value in {"flow_steps": flow_steps, "clamp": clamp, "hidden_ratio": hidden_ratio}.items():
@@ -118,7 +122,7 @@ class FastFlowModel(nn.Module):
         self._build_heads()
         self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
                                     score_blur_sigma=score_blur_sigma,
-                                    position_score=position_score)
+                                    position_score=position_score, score_scales=score_scales)
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
