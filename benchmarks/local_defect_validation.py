@@ -84,7 +84,6 @@ def local_defect_batches(data, batch_size: int, seed: int = 0) -> list[SimpleNam
             for chunk in (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))]
 
 
-@torch.no_grad()
 def per_scale_maps(model, loader) -> list[torch.Tensor]:
     """One ``N×H×W`` unsmoothed map per scale of the model (higher = more anomalous), as the scorer combines it."""
     return [unsmoothed_maps(model, loader, map_scales=[scale])[0]
@@ -93,9 +92,9 @@ def per_scale_maps(model, loader) -> list[torch.Tensor]:
 
 def per_scale_scores(train_maps: list[torch.Tensor], maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Image-score candidates from each scale's map standardised per position (normal-training statistics):
-    the maximum of each scale alone, the maximum over scales, and the maximum of their mean. The shipped score
-    standardises the *combined* map instead; in the likelihood combination ``−log Σ_l exp(−a_l)`` the least
-    anomalous scale dominates, so a defect that only one scale sees is damped there but not here."""
+    the maximum of each scale alone, the maximum over scales, and the maximum of their mean. ``position_z_max``
+    standardises the every-scale map instead (a model's own ``score_scales`` is ignored by ``unsmoothed_maps``);
+    FastFlow's shipped score is its coarsest scale's ``scale<last>_z_max``."""
     standardised = []
     for train, values in zip(train_maps, maps, strict=True):
         statistics = ScoreMapStatistics()

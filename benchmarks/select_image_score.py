@@ -85,7 +85,7 @@ def model_inputs(model, images: torch.Tensor) -> torch.Tensor:
 def unsmoothed_maps(model, loader, map_scales: list[int] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``N×H×W`` unsmoothed maps (higher = more anomalous), ``N`` labels and ``N×H×W`` masks of ``loader``; the map
-    of every scale, or of ``map_scales`` only."""
+    of every scale (whatever the model's ``score_scales``), or of ``map_scales`` only."""
     maps, labels, masks = [], [], []
     model.eval()
     with model.model.scorer.plain_score_maps():

@@ -101,10 +101,8 @@ def _scale_subset(name: str, scales: Sequence[int] | None, num_scales: int) -> l
     ``None`` (= every scale) for all of them."""
     if scales is None:
         return None
-    if any(not -num_scales <= int(scale) < num_scales for scale in scales):
-        chosen = []
-    else:
-        chosen = sorted({int(scale) % num_scales for scale in scales})
+    valid = all(-num_scales <= int(scale) < num_scales for scale in scales)
+    chosen = sorted({int(scale) % num_scales for scale in scales}) if valid else []
     if not chosen:
         msg = f"{name} must be a non-empty subset of {list(range(num_scales))}, got {list(scales)}."
         raise ValueError(msg)
@@ -132,12 +130,12 @@ class AnomalyScorer(nn.Module):
       0.585 for CflowAD; 0.789 → 0.810 and 0.569 → 0.646 for FastFlow); CS-Flow keeps ``"standardized"``
       (its image AUROC on validation dropped with ``"likelihood"``).
 
-    In both the image score is the maximum of the combination of all scales before the map's smoothing,
+    In both the image score is the maximum of the combination of its scales (``score_scales``, all by default)
+    before the map's smoothing,
     blurred with its own ``score_blur_sigma`` (chosen on validation of several categories,
     ``benchmarks/select_image_score.py``; 0 = the plain maximum). ``map_scales`` may restrict the returned map
     to some scales (e.g. ``[0]``, the finest, as CS-Flow's official code localises); ``score_scales`` does the
-    same for the image score (e.g. FastFlow's coarsest scale: its finest one is noisy, and in the likelihood
-    combination the least anomalous scale dominates).
+    same for the image score (e.g. FastFlow's coarsest scale: its finest one is noisy).
 
     Args:
         num_scales: number of log-likelihood maps per image.
