@@ -27,6 +27,9 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import combinations
 from pathlib import Path
 from tempfile import mkdtemp
 from types import SimpleNamespace
@@ -48,7 +51,9 @@ from select_image_score import (
     analyse,
     datamodule,
     load_selection_checkpoint,
+    pixel_auroc,
     shipped_model,
+    smoothed,
     unsmoothed_maps,
 )
 
@@ -84,27 +89,77 @@ def local_defect_batches(data, batch_size: int, seed: int = 0) -> list[SimpleNam
             for chunk in (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))]
 
 
-def per_scale_maps(model, loader) -> list[torch.Tensor]:
+@contextmanager
+def scorer_inputs(model) -> Iterator[list[tuple[list[torch.Tensor], tuple[int, int]]]]:
+    """Within: every call of the model's scorer appends its input (the per-scale log-likelihood maps ``B×h_l×w_l``
+    and the image size) to the yielded list, so other scorings of the same images need no second forward pass."""
+    captured = []
+    handle = model.model.scorer.register_forward_pre_hook(
+        lambda _, args: captured.append(([values.detach() for values in args[0]], tuple(int(v) for v in args[1]))))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def replayed_maps(model, inputs: list, map_scales: list[int] | None) -> torch.Tensor:
+    """``N×H×W`` unsmoothed maps of ``map_scales`` from captured scorer ``inputs`` (``scorer_inputs``)."""
+    scorer = model.model.scorer
+    with scorer.plain_score_maps():
+        scorer.map_scales = map_scales  # the context restores the model's own on exit
+        maps = [scorer(values, size).anomaly_map.float() for values, size in inputs]
+    return torch.cat([m.reshape(len(m), *m.shape[-2:]) for m in maps])
+
+
+def per_scale_maps(model, inputs: list) -> list[torch.Tensor]:
     """One ``N×H×W`` unsmoothed map per scale of the model (higher = more anomalous), as the scorer combines it."""
-    return [unsmoothed_maps(model, loader, map_scales=[scale])[0]
-            for scale in range(model.model.scorer.statistics.mean.numel())]
+    return [replayed_maps(model, inputs, [scale]) for scale in range(model.model.scorer.statistics.mean.numel())]
 
 
 def per_scale_scores(train_maps: list[torch.Tensor], maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Image-score candidates from each scale's map standardised per position (normal-training statistics):
-    the maximum of each scale alone, the maximum over scales, and the maximum of their mean. ``position_z_max``
-    standardises the every-scale map instead (a model's own ``score_scales`` is ignored by ``unsmoothed_maps``);
-    FastFlow's shipped score is its coarsest scale's ``scale<last>_z_max``."""
+    the maximum of each scale alone, the maximum over scales, and the maximum of their mean, each also after a
+    Gaussian blur of σ 4 input pixels (``*_smoothed_max_s4``, CS-Flow's score blur). ``position_z_max`` standardises
+    the every-scale map instead (``unsmoothed_maps`` ignores a model's own ``score_scales``); the model's own score
+    is ``own_score``."""
     standardised = []
     for train, values in zip(train_maps, maps, strict=True):
         statistics = ScoreMapStatistics()
         statistics.fit([train])
         standardised.append(statistics.standardise(values[:, None])[:, 0])
     stacked = torch.stack(standardised)  # S×N×H×W
-    scores = {f"scale{scale}_z_max": z.flatten(1).amax(dim=1) for scale, z in enumerate(standardised)}
-    scores["scales_z_max_of_max"] = stacked.flatten(2).amax(dim=2).amax(dim=0)
+    scores = {}
+    for suffix, blurred in (("max", standardised), ("smoothed_max_s4", [smoothed(z, 4.0) for z in standardised])):
+        for scale, z in enumerate(blurred):
+            scores[f"scale{scale}_z_{suffix}"] = z.flatten(1).amax(dim=1)
+        scores[f"scales_z_max_of_{suffix}"] = torch.stack(blurred).flatten(2).amax(dim=2).amax(dim=0)
     scores["scales_z_mean_max"] = stacked.mean(dim=0).flatten(1).amax(dim=1)
+    scores["scales_z_mean_smoothed_max_s4"] = smoothed(stacked.mean(dim=0), 4.0).flatten(1).amax(dim=1)
     return scores
+
+
+def per_scale_pixel_auroc(model, inputs: list, masks: torch.Tensor) -> dict[str, float]:
+    """Pixel AUROC of the map made of each proper subset of the model's scales (``map_scales``), smoothed with the
+    model's own ``blur_sigma``: which scales should localise."""
+    count = model.model.scorer.statistics.mean.numel()
+    sigma = model.model.scorer.blur_sigma
+    result = {}
+    for size in range(1, count):
+        for subset in combinations(range(count), size):
+            maps = replayed_maps(model, inputs, list(subset))
+            result["scales_" + "_".join(map(str, subset))] = pixel_auroc(smoothed(maps, sigma) if sigma else maps,
+                                                                         masks)
+    return result
+
+
+@torch.no_grad()
+def own_scores(model, inputs: list) -> torch.Tensor:
+    """``N`` image scores as the model computes them (its shipped scorer: ``score_scales``, position statistics,
+    ``score_blur_sigma``) from captured scorer ``inputs``, before the post-processor's normalisation (a monotone
+    map: the same AUROC)."""
+    model.eval()
+    return torch.cat([model.model.scorer(values, size).pred_score.float().reshape(-1) for values, size in inputs])
 
 
 def prepared_model(name: str, category: str, init: dict, checkpoints: Path | None, max_minutes: float,
@@ -134,7 +189,7 @@ def prepared_model(name: str, category: str, init: dict, checkpoints: Path | Non
 
 def markdown(rows: list[dict], command: str) -> str:
     candidates = ["max", "smoothed_max_s4", "top_mean_0.01", "position_z_max", "position_z_smoothed_max_s4",
-                  "position_z_tolerant_0.0625_max", "position_z_tolerant_0.125_max"]
+                  "position_z_tolerant_0.0625_max", "position_z_tolerant_0.125_max", "own_score"]
     lines = ["# Candidates on the local-defect validation split (never test)", "",
              f"`{command}` (one command per tag: see each row's `command` in the JSON); machine: {cpu_model()}.", "",
              "| tag | model | category | val images (normal / defective) | image AUROC: " + " / ".join(candidates)
@@ -173,18 +228,19 @@ def main() -> None:
             print(f"== {args.tag}: {name} on {category}", flush=True)
             model, data, made = prepared_model(name, category, init, args.checkpoints, args.max_minutes,
                                                args.batch_size, args.save_checkpoints)
-            train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
-            batches = local_defect_batches(data, args.batch_size)
-            maps, labels, masks = unsmoothed_maps(model, batches)
-            extra = {}
+            with scorer_inputs(model) as train_inputs:
+                train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
+            with scorer_inputs(model) as inputs:
+                maps, labels, masks = unsmoothed_maps(model, local_defect_batches(data, args.batch_size))
+            row = analyse(train_maps, maps, labels, masks)
+            row["val_image_AUROC"]["own_score"] = round(float(binary_auroc(own_scores(model, inputs), labels)), 4)
             if args.per_scale:
-                scale_scores = per_scale_scores(per_scale_maps(model, data.train_dataloader()),
-                                                per_scale_maps(model, batches))
-                extra["val_image_AUROC_per_scale"] = {name: round(float(binary_auroc(values, labels)), 4)
-                                                      for name, values in scale_scores.items()}
+                scale_scores = per_scale_scores(per_scale_maps(model, train_inputs), per_scale_maps(model, inputs))
+                row["val_image_AUROC_per_scale"] = {name: round(float(binary_auroc(values, labels)), 4)
+                                                    for name, values in scale_scores.items()}
+                row["val_pixel_AUROC_per_scale"] = per_scale_pixel_auroc(model, inputs, masks)
             rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,
-                         "val_normals": "all_held_out", "input_resize": "antialiased",
-                         **made, **analyse(train_maps, maps, labels, masks), **extra})
+                         "val_normals": "all_held_out", "input_resize": "antialiased", **made, **row})
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"machine": cpu_model(), "results": rows}, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(markdown(rows, command))

@@ -155,19 +155,25 @@ def border_share(maps: torch.Tensor) -> torch.Tensor:
     return (rows < band_h) | (rows >= height - band_h) | (cols < band_w) | (cols >= width - band_w)
 
 
+def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    """Pixel AUROC of ``N×H×W`` maps against ``N×H×W`` masks, both reduced to at most ``PIXEL_METRIC_SIZE`` a side
+    (maps area-averaged, masks nearest)."""
+    size = [min(side, PIXEL_METRIC_SIZE) for side in maps.shape[-2:]]
+    target = F.interpolate(masks[:, None].float(), size=size, mode="nearest").flatten().int()
+    resized = F.interpolate(maps[:, None].float(), size=size, mode="area").flatten()
+    return round(float(binary_auroc(resized, target)), 4)
+
+
 def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> dict:
     scores, position_z = candidate_scores(train_maps, maps)
     image_auroc = {name: round(float(binary_auroc(values, labels)), 4) for name, values in scores.items()}
     anomalous = labels == 1
     pixel = {}
     if bool(masks.any()):
-        size = [min(side, PIXEL_METRIC_SIZE) for side in maps.shape[-2:]]
-        target = F.interpolate(masks[:, None].float(), size=size, mode="nearest").flatten().int()
         for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)), ("map_s8", smoothed(maps, 8.0)),
                              ("map_s12", smoothed(maps, 12.0)), ("map_s16", smoothed(maps, 16.0)),
                              ("position_z_s4", smoothed(position_z, 4.0))):
-            resized = F.interpolate(values[:, None], size=size, mode="area").flatten()
-            pixel[name] = round(float(binary_auroc(resized, target)), 4)
+            pixel[name] = pixel_auroc(values, masks)
     at_border = border_share(maps)
     current = scores["max"]
     return {

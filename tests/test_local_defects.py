@@ -77,3 +77,47 @@ def test_the_local_defect_validation_holds_every_held_out_image_whatever_the_glo
     for one, other in zip(first, second, strict=True):
         torch.testing.assert_close(one.image, other.image)
         assert torch.equal(one.gt_mask, other.gt_mask) and torch.equal(one.gt_label, other.gt_label)
+
+
+def test_the_validation_scores_the_model_s_own_image_score_and_its_per_scale_candidate_reproduces_it(
+    synthetic_root, tmp_path
+) -> None:
+    """``own_score`` is the score the model ships (here FastFlow's coarsest scale, standardised per position); the
+    per-scale candidate of that scale, fitted by the script on the same training images, must give the same
+    scores, so the validation ranks what users get."""
+    import sys
+    from pathlib import Path
+
+    from conftest import fit_and_test, tiny_model
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)
+    from local_defect_validation import (
+        local_defect_batches,
+        own_scores,
+        per_scale_maps,
+        per_scale_pixel_auroc,
+        per_scale_scores,
+        scorer_inputs,
+    )
+    from select_image_score import model_inputs, unsmoothed_maps
+
+    model = tiny_model("FastFlow", (96, 96), position_score=True, score_scales=[-1])
+    _, data, _ = fit_and_test(model, synthetic_root, tmp_path, epochs=1)
+    data.setup("fit")
+    batches = local_defect_batches(data, batch_size=8)
+    with scorer_inputs(model) as train_inputs:
+        unsmoothed_maps(model, data.train_dataloader())
+    with scorer_inputs(model) as inputs:
+        _, _, masks = unsmoothed_maps(model, batches)
+    candidates = per_scale_scores(per_scale_maps(model, train_inputs), per_scale_maps(model, inputs))
+    own = own_scores(model, inputs)
+    with torch.no_grad():  # the same as the model's own forward pass
+        direct = torch.cat([model.model(model_inputs(model, batch.image)).pred_score.reshape(-1) for batch in batches])
+    torch.testing.assert_close(own, direct)
+    assert own.shape == (sum(len(batch.gt_label) for batch in batches),)
+    torch.testing.assert_close(own, candidates["scale1_z_max"], atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(own, candidates["scale0_z_max"], atol=1e-3, rtol=1e-3)
+    pixel = per_scale_pixel_auroc(model, inputs, masks)
+    assert set(pixel) == {"scales_0", "scales_1"} and all(0.0 <= value <= 1.0 for value in pixel.values())
