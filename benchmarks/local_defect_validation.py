@@ -9,7 +9,8 @@ older rows used the random half that anomalib's synthetic split keeps normal, wh
 state (a model trained in the run and the same model loaded from its checkpoint then see different images), and
 rows without ``"input_resize": "antialiased"`` resized the validation frames without antialiasing (the export
 path) while the model had trained on antialiased ones. Each model is scored with the same candidates as
-``select_image_score.py`` (image AUROC per image score; pixel AUROC of the map).
+``select_image_score.py`` (image AUROC per image score; pixel AUROC of the map), and with its own shipped
+image score (``own_score``).
 
 A model is either trained (shipped config, ``--init key=value`` overrides, ``--max-minutes`` of training) or
 loaded from ``--checkpoints DIR/<model>_<category>.ckpt`` (e.g. the ones ``select_image_score.py

@@ -125,6 +125,17 @@ def shift_tolerant_standardised(statistics: ScoreMapStatistics, maps: torch.Tens
     return least
 
 
+def shrunk_standardised(statistics: ScoreMapStatistics, maps: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``N×H×W`` maps standardised per position with a variance shrunk toward the map's typical one:
+    ``(m − μ) / sqrt(σ² + shrinkage · median(σ²))``. The statistics come from the images the flow was fitted on;
+    where it has learnt those by heart their σ is too small for unseen normal images, and one such position can
+    decide a normal image's maximum. ``shrinkage`` ∞ is the mean-subtracted map (``position_mean_max``). A
+    validation candidate (``position_z_shrunk_*``), not used by the models."""
+    mean, std = statistics.resized(maps.shape[-2:])
+    variance = std.pow(2)
+    return (maps - mean) / (variance + shrinkage * variance.median()).sqrt()
+
+
 def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{candidate: N scores}`` of the validation ``maps``, and the per-position standardised maps."""
     flat = maps.flatten(1)
@@ -139,6 +150,13 @@ def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict
         scores[f"top_mean_{fraction:g}"] = flat.topk(count, dim=1).values.mean(dim=1)
     scores["position_z_max"] = position_z.flatten(1).amax(dim=1)
     scores["position_z_smoothed_max_s4"] = smoothed(position_z, 4.0).flatten(1).amax(dim=1)
+    for shrinkage in (0.5, 2.0):
+        shrunk = shrunk_standardised(statistics, maps, shrinkage)
+        scores[f"position_z_shrunk_{shrinkage:g}_max"] = shrunk.flatten(1).amax(dim=1)
+        scores[f"position_z_shrunk_{shrinkage:g}_smoothed_max_s4"] = smoothed(shrunk, 4.0).flatten(1).amax(dim=1)
+    mean_subtracted = maps - statistics.resized(maps.shape[-2:])[0]
+    scores["position_mean_max"] = mean_subtracted.flatten(1).amax(dim=1)
+    scores["position_mean_smoothed_max_s4"] = smoothed(mean_subtracted, 4.0).flatten(1).amax(dim=1)
     for tolerance in (1 / 16, 1 / 8):
         tolerant = shift_tolerant_standardised(statistics, maps, tolerance)
         scores[f"position_z_tolerant_{tolerance:g}_max"] = tolerant.flatten(1).amax(dim=1)

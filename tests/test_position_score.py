@@ -70,3 +70,31 @@ def test_the_shift_tolerant_candidate_forgives_a_moved_structure_but_not_a_defec
     tolerant = shift_tolerant_standardised(statistics, both, 1 / 16).flatten(1).amax(dim=1)
     assert strict[0] > 10 and tolerant[0] < 6  # the moved structure: unusual in place, usual 4 px away
     assert tolerant[1] > 20  # the defect is unusual at every nearby position
+
+
+def test_the_shrunk_candidate_spans_per_position_to_mean_subtracted_standardisation() -> None:
+    import sys
+
+    from flowad_plugins.position_statistics import ScoreMapStatistics
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.append(benchmarks)
+    from select_image_score import shrunk_standardised
+
+    torch.manual_seed(0)
+    normals = 0.1 * torch.randn(40, 32, 32)
+    normals[:, 4:6, 4:6] *= 0.01  # a place the flow has learnt by heart: almost no spread on its training images
+    statistics = ScoreMapStatistics()
+    statistics.fit([normals])
+    unseen = 0.1 * torch.randn(2, 32, 32)
+    unseen[:, 4:6, 4:6] = 0.1  # an unseen normal image varies there as much as anywhere (one σ of the others)
+    unseen[1, 20:22, 20:22] += 1.0  # and a defect elsewhere
+    plain = statistics.standardise(unseen[:, None])[:, 0]
+    torch.testing.assert_close(shrunk_standardised(statistics, unseen, 0.0), plain)
+    shrunk = shrunk_standardised(statistics, unseen, 2.0).flatten(1).amax(dim=1)
+    peak = int(plain[1].flatten().argmax())
+    assert 4 <= peak // 32 < 6 and 4 <= peak % 32 < 6  # plain: the learnt place outranks the defect
+    assert shrunk[1] > 2 * shrunk[0]  # shrunk, the defect decides
+    ranking = (unseen - statistics.map_mean).flatten().argsort()
+    torch.testing.assert_close(shrunk_standardised(statistics, unseen, 1e9).flatten().argsort(), ranking)
