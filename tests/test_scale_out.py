@@ -117,6 +117,10 @@ def _ddp_script(root: Path, out: Path) -> None:
     report = {"world_size": dist.get_world_size(), "backend": dist.get_backend(),
               "mean": statistics.mean.tolist(), "std": statistics.std.tolist()}
     (out / f"statistics_rank{rank}.json").write_text(json.dumps(report))
+    # Leave the process group explicitly: a gloo group still alive at interpreter exit can abort a rank with
+    # "terminate called without an active exception" (exit -6) after every result was written.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
