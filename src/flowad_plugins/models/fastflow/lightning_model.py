@@ -43,7 +43,7 @@ class FastFlow(FlowAnomalibModule):
             statistics (``AnomalyScorer``); the map is unchanged.
         score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
             The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
-            small-defect validation of bottle, tire and generated data (``docs/results.md``).
+            small-defect validation of bottle, tire and generated data (``docs/selection.md``).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);

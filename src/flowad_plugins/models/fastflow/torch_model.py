@@ -76,7 +76,7 @@ class FastFlowModel(nn.Module):
             statistics (``AnomalyScorer``); the map is unchanged.
         score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
             The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
-            small-defect validation of bottle, tire and generated data (``docs/results.md``).
+            small-defect validation of bottle, tire and generated data (``docs/selection.md``).
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
