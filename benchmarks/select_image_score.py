@@ -190,6 +190,7 @@ def analyse(train_maps: torch.Tensor, maps: torch.Tensor, labels: torch.Tensor, 
     if bool(masks.any()):
         for name, values in (("map", maps), ("map_s4", smoothed(maps, 4.0)), ("map_s8", smoothed(maps, 8.0)),
                              ("map_s12", smoothed(maps, 12.0)), ("map_s16", smoothed(maps, 16.0)),
+                             ("map_s24", smoothed(maps, 24.0)), ("map_s32", smoothed(maps, 32.0)),
                              ("position_z_s4", smoothed(position_z, 4.0))):
             pixel[name] = pixel_auroc(values, masks)
     at_border = border_share(maps)
