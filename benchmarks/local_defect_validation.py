@@ -53,13 +53,13 @@ from select_image_score import (
     datamodule,
     load_selection_checkpoint,
     pixel_auroc,
+    position_standardised,
     shipped_model,
     smoothed,
     unsmoothed_maps,
 )
 
 from flowad_plugins.data.local_defects import KINDS, add_local_defect
-from flowad_plugins.position_statistics import ScoreMapStatistics
 
 
 def held_out_normal_images(data) -> list[torch.Tensor]:
@@ -124,11 +124,7 @@ def per_scale_scores(train_maps: list[torch.Tensor], maps: list[torch.Tensor]) -
     Gaussian blur of σ 4 input pixels (``*_smoothed_max_s4``, CS-Flow's score blur). ``position_z_max`` standardises
     the every-scale map instead (``unsmoothed_maps`` ignores a model's own ``score_scales``); the model's own score
     is ``own_score``."""
-    standardised = []
-    for train, values in zip(train_maps, maps, strict=True):
-        statistics = ScoreMapStatistics()
-        statistics.fit([train])
-        standardised.append(statistics.standardise(values[:, None])[:, 0])
+    standardised = [position_standardised(train, values)[1] for train, values in zip(train_maps, maps, strict=True)]
     stacked = torch.stack(standardised)  # S×N×H×W
     scores = {}
     for suffix, blurred in (("max", standardised), ("smoothed_max_s4", [smoothed(z, 4.0) for z in standardised])):

@@ -136,12 +136,17 @@ def shrunk_standardised(statistics: ScoreMapStatistics, maps: torch.Tensor, shri
     return (maps - mean) / (variance + shrinkage * variance.median()).sqrt()
 
 
+def position_standardised(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[ScoreMapStatistics, torch.Tensor]:
+    """Per-position statistics fitted on the normal ``train_maps`` (``N×H×W``) and ``maps`` standardised with them."""
+    statistics = ScoreMapStatistics()
+    statistics.fit([train_maps])
+    return statistics, statistics.standardise(maps[:, None])[:, 0]
+
+
 def candidate_scores(train_maps: torch.Tensor, maps: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{candidate: N scores}`` of the validation ``maps``, and the per-position standardised maps."""
     flat = maps.flatten(1)
-    statistics = ScoreMapStatistics()
-    statistics.fit([train_maps])
-    position_z = statistics.standardise(maps[:, None])[:, 0]
+    statistics, position_z = position_standardised(train_maps, maps)
     scores = {"max": flat.amax(dim=1)}
     for sigma in (2.0, 4.0, 8.0):
         scores[f"smoothed_max_s{sigma:g}"] = smoothed(maps, sigma).flatten(1).amax(dim=1)
