@@ -44,6 +44,7 @@ from lightning.pytorch import seed_everything
 from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.datasets import HELD_OUT
 from harness.machine import cpu_model
 from select_image_score import (
     CONFIGS,
@@ -160,14 +161,14 @@ def own_scores(model, inputs: list) -> torch.Tensor:
 
 
 def prepared_model(name: str, category: str, init: dict, checkpoints: Path | None, max_minutes: float,
-                   batch_size: int, save_to: Path | None = None):
+                   batch_size: int, save_to: Path | None = None, held_out: str = "random"):
     """The model (trained now, or loaded), its datamodule, and a record of how it was made."""
     seed_everything(0, workers=True)
     model, epochs = shipped_model(name)
     if init:
         config = yaml.safe_load((RESULTS.parents[1] / "configs" / CONFIGS[name]).read_text())["model"]["init_args"]
         model = type(model)(**{**{k: v for k, v in config.items() if k != "seed"}, **init})
-    data = datamodule(category, batch_size)
+    data = datamodule(category, batch_size, held_out)
     data.prepare_data()
     data.setup("fit")
     if checkpoints is not None:
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument("--save-checkpoints", type=Path, default=None, help="folder for trained checkpoints")
     parser.add_argument("--per-scale", action="store_true",
                         help="also score each scale's per-position standardised map (per_scale_scores)")
+    parser.add_argument("--held-out", choices=HELD_OUT, default="random",
+                        help="validation holds out a random 20 %% of train/good (seed 0) or the last 20 %% in file "
+                             "order: images of later capture sessions (harness.datasets)")
     parser.add_argument("--tag", required=True)
     parser.add_argument("--out", type=Path, default=RESULTS / "local_defect_validation")
     args = parser.parse_args()
@@ -224,7 +228,7 @@ def main() -> None:
                 continue
             print(f"== {args.tag}: {name} on {category}", flush=True)
             model, data, made = prepared_model(name, category, init, args.checkpoints, args.max_minutes,
-                                               args.batch_size, args.save_checkpoints)
+                                               args.batch_size, args.save_checkpoints, args.held_out)
             with scorer_inputs(model) as train_inputs:
                 train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
             with scorer_inputs(model) as inputs:
@@ -237,7 +241,8 @@ def main() -> None:
                                                     for name, values in scale_scores.items()}
                 row["val_pixel_AUROC_per_scale"] = per_scale_pixel_auroc(model, inputs, masks)
             rows.append({"tag": args.tag, "model": name, "category": category, "init": init, "command": command,
-                         "val_normals": "all_held_out", "input_resize": "antialiased", **made, **row})
+                         "val_normals": "all_held_out", "input_resize": "antialiased", "held_out": args.held_out,
+                         **made, **row})
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"machine": cpu_model(), "results": rows}, indent=1) + "\n")
             args.out.with_suffix(".md").write_text(markdown(rows, command))

@@ -55,9 +55,10 @@ BORDER_FRACTION = 1 / 16
 PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this side
 
 
-def datamodule(category: str, batch_size: int):
-    """The category's datamodule with validation = 20 % of train/good + synthetic anomalies (seed 0)."""
-    return validation_split_datamodule(category, batch_size)
+def datamodule(category: str, batch_size: int, held_out: str = "random"):
+    """The category's datamodule with validation = 20 % of train/good (a random share, seed 0, or the last images in
+    file order: ``held_out``) + synthetic anomalies."""
+    return validation_split_datamodule(category, batch_size, held_out=held_out)
 
 
 def shipped_model(name: str):

@@ -1,8 +1,11 @@
-"""Offline data: ``SyntheticAD`` (a generated dataset in anomalib's datamodule contract) and ``PredictFolder``
-(images of a folder for ``anomalib predict``, skipping unreadable files)."""
+"""Offline data: ``SyntheticAD`` (a generated dataset in anomalib's datamodule contract), ``PredictFolder``
+(images of a folder for ``anomalib predict``, skipping unreadable files) and ``LatestFolder`` / ``hold_out_latest``
+(validation on the latest normal images instead of a random share)."""
 
 from .datamodule import SyntheticAD
+from .latest_split import LatestFolder, hold_out_latest
 from .predict_folder import PredictFolder
 from .synthetic import CATEGORIES, SyntheticSpec, generate_dataset
 
-__all__ = ["CATEGORIES", "PredictFolder", "SyntheticAD", "SyntheticSpec", "generate_dataset"]
+__all__ = ["CATEGORIES", "LatestFolder", "PredictFolder", "SyntheticAD", "SyntheticSpec", "generate_dataset",
+           "hold_out_latest"]
