@@ -12,8 +12,8 @@ this scores, with the model's own image score and with the plain maximum of its 
 - test good vs test defective: the test image AUROC;
 
 plus where the per-position standardised map of each test-good image peaks (border band, outer 1/16 of each side)
-and, without any model, the mean brightness of the frames' background corner. Writes
-``benchmarks/results/<category>/session_shift.{json,md}``::
+and, without any model, the mean brightness of the frames' background corner and where the part sits. Writes
+``benchmarks/results/<category>/session_shift.{json,md,png}`` (the picture: each model's score histograms)::
 
     OMP_NUM_THREADS=2 python benchmarks/session_shift.py --categories tire bottle --checkpoints CKPT_DIR
 """
@@ -128,6 +128,8 @@ def analyse(name: str, category: str, checkpoints: Path | None, max_minutes: flo
         row[kind] = {"held_out_vs_test_good": auroc(held[kind], test_good[kind]),
                      "held_out_vs_test_defective": auroc(held[kind], test_defective[kind]),
                      "test_good_vs_test_defective": auroc(test_good[kind], test_defective[kind])}
+    row["own_scores"] = {split: [round(float(v), 4) for v in scores["own"]] for split, scores in
+                         (("held_out_normal", held), ("test_good", test_good), ("test_defective", test_defective))}
     row["peak_in_border_share"] = {"held_out_normal": round(float(held["peak_in_border"].mean()), 3),
                                    "test_good": round(float(test_good["peak_in_border"].mean()), 3),
                                    "test_defective": round(float(test_defective["peak_in_border"].mean()), 3)}
@@ -175,6 +177,30 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def histogram_figure(rows: list[dict], path: Path) -> None:
+    """One panel per model: the own image scores of held-out normal, test good and test defective images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.2), squeeze=False)
+    for axis, row in zip(axes[0], rows, strict=True):
+        values = row["own_scores"]
+        bins = np.linspace(min(min(v) for v in values.values()), max(max(v) for v in values.values()), 25)
+        for split, colour in (("held_out_normal", "tab:green"), ("test_good", "tab:blue"),
+                              ("test_defective", "tab:red")):
+            axis.hist(values[split], bins=bins, density=True, histtype="step", linewidth=2, color=colour,
+                      label=f"{split.replace('_', ' ')} ({len(values[split])})")
+        axis.set_title(f"{row['model']} on {row['category']}: own image score")
+        axis.set_xlabel("image score (higher = more anomalous)")
+    axes[0][0].set_ylabel("share of the images (density)")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -190,6 +216,7 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps({"machine": cpu_model(), "command": command,
                                                         "results": rows}, indent=1) + "\n")
         out.with_suffix(".md").write_text(markdown(rows, command))
+        histogram_figure(rows, out.with_suffix(".png"))
         print(markdown(rows, command))
 
 
