@@ -155,8 +155,12 @@ def test_torch_model_refuses_sizes_not_divisible_by_stride_times_four() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"lr_schedule='step' is not supported; allowed values: \['constant'"):
         _model(lr_schedule="step")
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a positive number, got 0"):
         _model(lr=0)
+    with pytest.raises(ValueError, match="lr must be a positive number, got '4e-3'"):
+        _model(lr="4e-3")  # YAML 1.1 reads 4e-3 as a string
+    with pytest.raises(ValueError, match="gradient_clip_norm must be a ≥ 0 number, got -1"):
+        _model(gradient_clip_norm=-1)
     with pytest.raises(ValueError, match="layer must be one backbone layer name"):
         _model(layer=["blocks.2", "blocks.4"])
     with pytest.raises(ValueError, match=r"Unknown layer=.blocks.9. for backbone"):

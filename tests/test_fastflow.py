@@ -115,8 +115,10 @@ def test_bad_arguments_are_named() -> None:
         FastFlow(**{**TINY_FASTFLOW, "clamp": -1.0})
     with pytest.raises(ValueError, match="hidden_ratio must be positive"):
         FastFlow(**{**TINY_FASTFLOW, "hidden_ratio": 0})
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a positive number, got 0"):
         FastFlow(**{**TINY_FASTFLOW, "lr": 0})
+    with pytest.raises(ValueError, match="weight_decay must be a ≥ 0 number, got 'none'"):
+        FastFlow(**{**TINY_FASTFLOW, "weight_decay": "none"})
     with pytest.raises(ValueError, match="Unknown backbone='resnet_nope'"):
         FastFlow(backbone="resnet_nope")
     with pytest.raises(ValueError, match=r"Unknown layers=\['blocks.9'\]"):

@@ -20,6 +20,7 @@ run continues exactly where it stopped), the evaluator (with AUPRO) and the post
 from __future__ import annotations
 
 import logging
+import math
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -77,6 +78,16 @@ def validated_input_size(input_size: Sequence[int]) -> tuple[int, int]:
         msg = f"input_size must be two positive integers (H, W), got {input_size!r}."
         raise ValueError(msg)
     return int(input_size[0]), int(input_size[1])
+
+
+def check_optimiser_settings(lr: float, **non_negative: float) -> None:
+    """``ValueError`` naming the parameter unless ``lr`` is a positive finite number and every other setting
+    (weight decay, gradient clipping) a finite number ≥ 0 (a string such as ``"4e-3"`` from a Python call included)."""
+    for name, value in {"lr": lr, **non_negative}.items():
+        is_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not (is_number and (value > 0 if name == "lr" else value >= 0)):
+            msg = f"{name} must be a {'positive' if name == 'lr' else '≥ 0'} number, got {value!r}."
+            raise ValueError(msg)
 
 
 class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):

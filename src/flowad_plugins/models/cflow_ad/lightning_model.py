@@ -17,7 +17,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch.nn import functional as F
 
-from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, all_reduce_max
+from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, all_reduce_max, check_optimiser_settings
 from flowad_plugins.schedules import warmup_cosine
 
 from .torch_model import CflowADModel
@@ -118,6 +118,7 @@ class CflowAD(FlowAnomalibModule):
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size
         self.max_fibers_per_image = max_fibers_per_image
+        check_optimiser_settings(lr)
         self.lr = lr
         self.warmup_fraction = warmup_fraction
         self.automatic_optimization = False  # several Adam steps per batch (``training_losses``)

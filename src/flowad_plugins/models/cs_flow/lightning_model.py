@@ -16,7 +16,12 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
-from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, distributed_world_size
+from flowad_plugins.models.common import (
+    FlowAnomalibModule,
+    FlowLoss,
+    check_optimiser_settings,
+    distributed_world_size,
+)
 from flowad_plugins.schedules import warmup_cosine
 from flowad_plugins.scoring import gaussian_log_likelihood
 
@@ -113,10 +118,7 @@ class CSFlow(FlowAnomalibModule):
         if lr_schedule not in self.LR_SCHEDULES:
             msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(self.LR_SCHEDULES)}."
             raise ValueError(msg)
-        for name, value in {"lr": lr, "weight_decay": weight_decay, "gradient_clip_norm": gradient_clip_norm}.items():
-            if not value >= 0 or (name == "lr" and value == 0):
-                msg = f"{name} must be {'positive' if name == 'lr' else '≥ 0'}, got {value}."
-                raise ValueError(msg)
+        check_optimiser_settings(lr, weight_decay=weight_decay, gradient_clip_norm=gradient_clip_norm)
         if map_scales is not None:
             warnings.warn("CSFlow(map_scales=...) is deprecated and will be removed; the anomaly map combines all "
                           "scales.", FutureWarning, stacklevel=2)

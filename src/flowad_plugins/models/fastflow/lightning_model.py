@@ -13,7 +13,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss
+from flowad_plugins.models.common import FlowAnomalibModule, FlowLoss, check_optimiser_settings
 from flowad_plugins.scoring import gaussian_log_likelihood
 
 from .torch_model import FastFlowModel
@@ -86,12 +86,7 @@ class FastFlow(FlowAnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if not lr > 0:
-            msg = f"lr must be positive, got {lr}."
-            raise ValueError(msg)
-        if weight_decay < 0:
-            msg = f"weight_decay must be ≥ 0, got {weight_decay}."
-            raise ValueError(msg)
+        check_optimiser_settings(lr, weight_decay=weight_decay)
         if input_size is None and isinstance(pre_processor, PreProcessor):
             input_size = self.input_size
         self.model = FastFlowModel(
