@@ -101,7 +101,7 @@ def test_bad_arguments_are_named() -> None:
         _model(condition_dim=10)
     with pytest.raises(ValueError, match="Unknown layers"):
         _model(layers=["blocks.9"])
-    with pytest.raises(ValueError, match="lr must be a positive number, got -0.001"):
+    with pytest.raises(ValueError, match=r"lr must be a positive number, got -0\.001"):
         _model(lr=-1e-3)
 
 
