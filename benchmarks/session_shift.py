@@ -25,7 +25,6 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ from torchmetrics.functional.classification import binary_auroc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.datasets import DEFAULT_ROOTS
 from harness.machine import cpu_model
-from local_defect_validation import held_out_normal_images, prepared_model
+from local_defect_validation import held_out_normal_images, own_scores, prepared_model, replayed_maps, scorer_inputs
 from select_image_score import BORDER_FRACTION, CONFIGS, RESULTS, candidate_scores, model_inputs, unsmoothed_maps
 
 BATCH = 8
@@ -51,26 +50,29 @@ def test_images(category: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def image_scores(model, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def captured_inputs(model, images: list[torch.Tensor]) -> list:
+    """One forward pass over ``images``: the scorer's inputs (``local_defect_validation.scorer_inputs``), from which
+    every score and map below is replayed without running the backbone and flow again."""
+    model.eval()
+    with scorer_inputs(model) as inputs:
+        for start in range(0, len(images), BATCH):
+            model.model(model_inputs(model, torch.stack(images[start:start + BATCH])))
+    return inputs
+
+
+def image_scores(model, inputs: list) -> dict[str, torch.Tensor]:
     """``N`` scores per kind: the model's own (``own``), the plain maximum of its unsmoothed map (``plain_max``), and
     whether the per-position standardised map peaks in the border band (``peak_in_border``, 0/1)."""
-    model.eval()
     scorer = model.model.scorer
-    own, plain, border = [], [], []
-    for start in range(0, len(images), BATCH):
-        inputs = model_inputs(model, torch.stack(images[start:start + BATCH]))
-        own.append(model.model(inputs).pred_score.float().reshape(-1))
-        with scorer.plain_score_maps():
-            maps = model.model(inputs).anomaly_map.float()
-        plain.append(maps.flatten(1).amax(dim=1))
-        standardised = scorer.map_statistics.standardise(maps)[:, 0] if scorer.map_statistics.fitted else maps[:, 0]
-        height, width = standardised.shape[-2:]
-        peak = standardised.flatten(1).argmax(dim=1)
-        row, column = peak // width, peak % width
-        band_h, band_w = max(1, round(BORDER_FRACTION * height)), max(1, round(BORDER_FRACTION * width))
-        border.append(((row < band_h) | (row >= height - band_h) | (column < band_w) | (column >= width - band_w))
-                      .float())
-    return {"own": torch.cat(own), "plain_max": torch.cat(plain), "peak_in_border": torch.cat(border)}
+    maps = replayed_maps(model, inputs, scorer.score_scales)[:, None]  # N×1×H×W, as plain_score_maps gives
+    standardised = scorer.map_statistics.standardise(maps)[:, 0] if scorer.map_statistics.fitted else maps[:, 0]
+    height, width = standardised.shape[-2:]
+    peak = standardised.flatten(1).argmax(dim=1)
+    row, column = peak // width, peak % width
+    band_h, band_w = max(1, round(BORDER_FRACTION * height)), max(1, round(BORDER_FRACTION * width))
+    border = (row < band_h) | (row >= height - band_h) | (column < band_w) | (column >= width - band_w)
+    return {"own": own_scores(model, inputs), "plain_max": maps.flatten(1).amax(dim=1),
+            "peak_in_border": border.float()}
 
 
 def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
@@ -99,18 +101,13 @@ def part_centre_x(images: list[torch.Tensor]) -> list[float]:
     return centres
 
 
-def candidate_aurocs(model, data, held_out: list[torch.Tensor], good: list[torch.Tensor],
-                     defective: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+def candidate_aurocs(model, data, inputs: list[list]) -> dict[str, dict[str, float]]:
     """Every image-score candidate of ``select_image_score.candidate_scores`` (per-position statistics fitted on the
-    training images' unsmoothed maps), scored like the model's own score above: which score, if any, would keep the
-    test split's normal images apart from its defects."""
-    def batches(images: list[torch.Tensor]) -> list[SimpleNamespace]:
-        return [SimpleNamespace(image=torch.stack(images[i:i + BATCH]), gt_label=torch.zeros(len(images[i:i + BATCH])),
-                                gt_mask=None) for i in range(0, len(images), BATCH)]
-
+    training images' unsmoothed maps), scored like the model's own score above, from the captured ``inputs`` of the
+    held-out normal, test good and test defective images: which score, if any, would keep the test split's normal
+    images apart from its defects."""
     train_maps, _, _ = unsmoothed_maps(model, data.train_dataloader())
-    scored = [candidate_scores(train_maps, unsmoothed_maps(model, batches(images))[0])[0]
-              for images in (held_out, good, defective)]
+    scored = [candidate_scores(train_maps, replayed_maps(model, captured, None))[0] for captured in inputs]
     return {name: {"held_out_vs_test_good": auroc(scored[0][name], scored[1][name]),
                    "held_out_vs_test_defective": auroc(scored[0][name], scored[2][name]),
                    "test_good_vs_test_defective": auroc(scored[1][name], scored[2][name])} for name in scored[0]}
@@ -120,7 +117,8 @@ def analyse(name: str, category: str, checkpoints: Path | None, max_minutes: flo
     model, data, made = prepared_model(name, category, {}, checkpoints, max_minutes, BATCH)
     held_out = held_out_normal_images(data)
     good, defective = test_images(category)
-    held, test_good, test_defective = (image_scores(model, images) for images in (held_out, good, defective))
+    inputs = [captured_inputs(model, images) for images in (held_out, good, defective)]
+    held, test_good, test_defective = (image_scores(model, captured) for captured in inputs)
     row = {"model": name, "category": category, **made, "images": {"held_out_normal": len(held_out),
                                                                     "test_good": len(good),
                                                                     "test_defective": len(defective)}}
@@ -133,7 +131,7 @@ def analyse(name: str, category: str, checkpoints: Path | None, max_minutes: flo
     row["peak_in_border_share"] = {"held_out_normal": round(float(held["peak_in_border"].mean()), 3),
                                    "test_good": round(float(test_good["peak_in_border"].mean()), 3),
                                    "test_defective": round(float(test_defective["peak_in_border"].mean()), 3)}
-    row["candidates"] = candidate_aurocs(model, data, held_out, good, defective)
+    row["candidates"] = candidate_aurocs(model, data, inputs)
     train_images = [image for batch in data.train_dataloader() for image in batch.image]
     splits = (("train", train_images), ("held_out_normal", held_out), ("test_good", good),
               ("test_defective", defective))

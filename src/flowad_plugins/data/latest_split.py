@@ -42,9 +42,11 @@ def hold_out_latest(datamodule_class: type) -> type:
                 msg = (f"val_split_ratio {self.val_split_ratio} leaves no normal image to train on "
                        f"({len(order)} normal training images).")
                 raise ValueError(msg)
-            positions = samples.index.get_indexer(order)
-            latest = self.train_data.subsample(positions[-count:].tolist())
-            self.train_data = self.train_data.subsample(sorted(set(range(len(samples))) - set(positions[-count:])))
+            held_out = samples.index.get_indexer(order)[-count:].tolist()
+            held_out_set = set(held_out)
+            kept = [position for position in range(len(samples)) if position not in held_out_set]
+            latest = self.train_data.subsample(held_out)
+            self.train_data = self.train_data.subsample(kept)
             self.val_data = SyntheticAnomalyDataset.from_dataset(latest) if mode == ValSplitMode.SYNTHETIC else latest
 
     HoldOutLatest.__name__ = HoldOutLatest.__qualname__ = f"Latest{datamodule_class.__name__}"
