@@ -1,12 +1,22 @@
-"""Scoring: train-statistics normalisation, batch independence, rank-preserving post-processing."""
+"""Scoring: likelihood, resampling, normal-data statistics and the score head (``flowad_plugins.scoring``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from flowad_plugins.post_processing import FlowPostProcessor
-from flowad_plugins.scoring import AnomalyScorer, LikelihoodStatistics, gaussian_log_likelihood
+from flowad_plugins.scoring import AnomalyScorer, LikelihoodStatistics, PositionStatistics, gaussian_log_likelihood
+from flowad_plugins.scoring.resampling import MapResampler, bilinear_matrix
+
+
+def fitted_scorer(num_scales: int, aggregation: str, **kwargs) -> AnomalyScorer:
+    """A scorer whose per-scale statistics are fitted on random normal values."""
+    scorer = AnomalyScorer(num_scales, aggregation=aggregation, **kwargs)
+    scorer.statistics.update_all([torch.randn(64) - scale for scale in range(num_scales)])
+    scorer.statistics.commit()
+    return scorer
 
 
 def test_gaussian_log_likelihood_is_the_standard_normal_density_per_dimension() -> None:
@@ -15,22 +25,44 @@ def test_gaussian_log_likelihood_is_the_standard_normal_density_per_dimension() 
     torch.testing.assert_close(gaussian_log_likelihood(z, torch.zeros(10)), expected)
 
 
-def test_statistics_accumulate_then_commit_mean_and_std() -> None:
+def test_likelihood_statistics_accumulate_then_commit_mean_and_std() -> None:
     stats = LikelihoodStatistics(num_scales=2)
     values = torch.randn(1000) * 3 + 5
-    stats.update(0, values[:400])
-    stats.update(0, values[400:])
-    stats.update(1, torch.ones(10))
+    stats.update_all([values[:400], None])
+    stats.update_all([values[400:], torch.ones(10)])
     assert not bool(stats.fitted)
     stats.commit()
     assert bool(stats.fitted)
     assert abs(stats.mean[0].item() - values.double().mean().item()) < 1e-4
     assert abs(stats.std[0].item() - values.double().std(unbiased=False).item()) < 1e-3
     assert stats.mean[1].item() == 1.0
+    with pytest.raises(ValueError, match="Expected log-likelihoods for 2 scales"):
+        stats.update_all([values])
 
 
-def test_scorer_standardises_upsamples_and_takes_the_max() -> None:
-    scorer = AnomalyScorer(num_scales=2)
+@pytest.mark.parametrize(("source", "target"), [(8, 64), (5, 37), (16, 16), (32, 20)])
+def test_bilinear_matrix_equals_interpolate(source: int, target: int) -> None:
+    values = torch.randn(3, source, dtype=torch.float64)
+    expected = F.interpolate(values.unsqueeze(0), size=target, mode="linear", align_corners=False)[0]
+    torch.testing.assert_close(values @ torch.as_tensor(bilinear_matrix(source, target)).T, expected)
+
+
+@pytest.mark.parametrize("sigma", [2.0, 4.0])
+def test_resampling_equals_interpolate_then_anomalibs_gaussian_blur(sigma: float) -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    maps = [torch.randn(2, 8, 6), torch.randn(2, 4, 3)]
+    size = (48, 40)
+    upsampled = sum(F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False) for m in maps)
+    expected = GaussianBlur2d(sigma=sigma, channels=1)(upsampled)
+    resample = MapResampler()
+    torch.testing.assert_close(resample(maps, size, sigma), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(resample(maps, size, sigma, weights=[0.5, 0.5]), 0.5 * expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(resample.blur(upsampled, sigma), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_standardized_scorer_standardises_upsamples_and_averages() -> None:
+    scorer = AnomalyScorer(num_scales=2, aggregation="standardized")
     scorer.statistics.mean.copy_(torch.tensor([1.0, -1.0]))
     scorer.statistics.std.copy_(torch.tensor([2.0, 0.5]))
     maps = [torch.full((2, 4, 4), 1.0), torch.full((2, 2, 2), -2.0)]
@@ -42,184 +74,127 @@ def test_scorer_standardises_upsamples_and_takes_the_max() -> None:
     assert output.pred_score[1] > output.pred_score[0] == 1.0
 
 
-def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> None:
-    scores = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.4, 0.5, 0.6, 1.0, 50.0, 1e4])
-    normalized = FlowPostProcessor._normalize(scores, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.5))
-    assert torch.all(normalized[1:] > normalized[:-1])
-    assert torch.all((normalized > 0) & (normalized < 1))
-    assert normalized[5].item() == 0.5
-
-
-def test_smoothing_changes_the_map_but_not_the_image_score() -> None:
-    maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4)]
-    sharp, smooth = AnomalyScorer(2, blur_sigma=0.0), AnomalyScorer(2, blur_sigma=2.0)
-    sharp_out, smooth_out = sharp(maps, (32, 32)), smooth(maps, (32, 32))
-    torch.testing.assert_close(smooth_out.pred_score, sharp_out.pred_score)
-    assert not torch.allclose(smooth_out.anomaly_map, sharp_out.anomaly_map)
-    assert smooth_out.anomaly_map.shape == (2, 1, 32, 32)
-
-
-def test_separable_blur_equals_anomalibs_2d_gaussian() -> None:
-    from anomalib.models.components import GaussianBlur2d
-
-    from flowad_plugins.scoring import SeparableGaussianBlur
-
-    maps = torch.rand(2, 1, 40, 48)
-    torch.testing.assert_close(SeparableGaussianBlur(3.0)(maps), GaussianBlur2d(sigma=3.0, channels=1)(maps),
-                               atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("size", [(40, 48), (5, 7), (1, 9)])
-def test_blur_matrix_pass_equals_convolution_pass(size: tuple[int, int]) -> None:
-    """The cached-matrix (eager) and convolution (export) passes agree, also when the kernel is truncated."""
-    from flowad_plugins.scoring import SeparableGaussianBlur
-
-    maps = torch.rand(3, 1, *size)
-    blur = SeparableGaussianBlur(3.0)
-    by_matrix = blur(maps)
-    blur.MAX_MATRIX_SIZE = 0
-    torch.testing.assert_close(by_matrix, blur(maps), atol=1e-6, rtol=1e-5)
-
-
 def test_likelihood_aggregation_is_the_papers_sum_relative_to_training_mean() -> None:
-    """``−log Σ_l up(exp(log p_l − μ_l))``: one scale without smoothing gives ``μ − log p`` exactly; batch-free."""
-    from flowad_plugins.scoring import AnomalyScorer
-
+    """``−log Σ_l up(exp(log p_l − μ_l))``; one scale without smoothing gives ``μ − log p`` exactly; batch-free."""
     torch.manual_seed(0)
-    scorer = AnomalyScorer(num_scales=2, aggregation="likelihood")
-    for scale, values in enumerate((torch.randn(64) - 1, torch.randn(64) * 2 - 3)):
-        scorer.statistics.update(scale, values)
-    scorer.statistics.commit()
+    scorer = fitted_scorer(2, "likelihood")
     fine, coarse = torch.randn(3, 8, 8) - 1, torch.randn(3, 4, 4) - 3
     output = scorer([fine, coarse], (8, 8))
     mean = scorer.statistics.mean
-    upsampled = torch.nn.functional.interpolate((coarse - mean[1]).exp()[:, None], size=(8, 8), mode="bilinear")
+    upsampled = F.interpolate((coarse - mean[1]).exp()[:, None], size=(8, 8), mode="bilinear")
     expected = -((fine - mean[0]).exp()[:, None] + upsampled).log()
     torch.testing.assert_close(output.anomaly_map, expected)
-    torch.testing.assert_close(output.pred_score, expected.flatten(1).amax(1))
+    torch.testing.assert_close(output.pred_score, expected.flatten(1).amax(1))  # positions not fitted: plain max
     alone = scorer([fine[:1], coarse[:1]], (8, 8))
     torch.testing.assert_close(alone.anomaly_map, output.anomaly_map[:1])
-
-    single = AnomalyScorer(num_scales=1, aggregation="likelihood")
-    single.statistics.update(0, torch.randn(32))
-    single.statistics.commit()
+    single = fitted_scorer(1, "likelihood")
     torch.testing.assert_close(single([fine], (8, 8)).anomaly_map[:, 0], single.statistics.mean[0] - fine)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         AnomalyScorer(num_scales=1, aggregation="max")
 
 
 @pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
-def test_map_scales_restrict_the_map_not_the_score(aggregation: str) -> None:
-    from flowad_plugins.scoring import AnomalyScorer
-
+def test_map_and_score_scales_and_smoothing_each_touch_only_their_own_output(aggregation: str) -> None:
     torch.manual_seed(0)
     maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
-    every, finest = AnomalyScorer(3, aggregation=aggregation), AnomalyScorer(3, aggregation=aggregation,
-                                                                             map_scales=[0])
-    only_finest = AnomalyScorer(1, aggregation=aggregation)
-    out_every, out_finest = every(maps, (16, 16)), finest(maps, (16, 16))
-    torch.testing.assert_close(out_finest.pred_score, out_every.pred_score)
-    torch.testing.assert_close(out_finest.anomaly_map, only_finest(maps[:1], (16, 16)).anomaly_map)
-    assert AnomalyScorer(3, map_scales=[2, 1, 0]).map_scales is None
-    with pytest.raises(ValueError, match="map_scales must be a non-empty subset of \\[0, 1, 2\\]"):
-        AnomalyScorer(3, map_scales=[3])
-
-
-@pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
-@pytest.mark.parametrize("blur_sigma", [0.0, 4.0])
-def test_score_scales_restrict_the_score_not_the_map(aggregation: str, blur_sigma: float) -> None:
-    """``score_scales=[-1]``: the image score is the coarsest scale's maximum (also once standardised per
-    position), while the map keeps every scale; ``plain_score_maps`` yields the map the score is taken from."""
-    torch.manual_seed(0)
-    maps = [torch.randn(2, 8, 8), torch.randn(2, 4, 4), torch.randn(2, 2, 2)]
-    every = AnomalyScorer(3, aggregation=aggregation, blur_sigma=blur_sigma)
-    coarsest = AnomalyScorer(3, aggregation=aggregation, blur_sigma=blur_sigma, score_scales=[-1])
+    every = fitted_scorer(3, aggregation)
+    coarsest = fitted_scorer(3, aggregation, score_scales=[-1], blur_sigma=4.0)
+    coarsest.statistics.load_state_dict(every.statistics.state_dict())
     only_coarsest = AnomalyScorer(1, aggregation=aggregation)
+    only_coarsest.statistics.mean.copy_(every.statistics.mean[2:])
+    only_coarsest.statistics.std.copy_(every.statistics.std[2:])
     out_every, out_coarsest = every(maps, (16, 16)), coarsest(maps, (16, 16))
-    torch.testing.assert_close(out_coarsest.anomaly_map, out_every.anomaly_map)
-    alone = only_coarsest(maps[2:], (16, 16))
-    torch.testing.assert_close(out_coarsest.pred_score, alone.pred_score)
-    assert not torch.allclose(out_coarsest.pred_score, out_every.pred_score)
-    with coarsest.plain_score_maps():
-        score_map = coarsest(maps, (16, 16)).anomaly_map
-    torch.testing.assert_close(score_map, alone.anomaly_map)
-
-    coarsest.position_score = True
-    coarsest.map_statistics.fit([torch.randn(4, 1, 16, 16)])
-    expected = coarsest.map_statistics.standardise(alone.anomaly_map).flatten(1).amax(dim=1)
-    torch.testing.assert_close(coarsest(maps, (16, 16)).pred_score, expected)
-    assert coarsest.score_scales == [2]
-    assert AnomalyScorer(3, score_scales=[0, 1, 2]).score_scales is None
-    with pytest.raises(ValueError, match="score_scales must be a non-empty subset of \\[0, 1, 2\\], got \\[-4\\]"):
-        AnomalyScorer(3, score_scales=[-4])
-
-
-@pytest.mark.parametrize("aggregation", ["standardized", "likelihood"])
-@pytest.mark.parametrize("blur_sigma", [0.0, 2.0, 3.0])
-def test_score_blur_is_the_maximum_of_the_smoothed_unsmoothed_map(aggregation: str, blur_sigma: float) -> None:
-    """``score_blur_sigma`` σ: the score is the maximum of the every-scale map before the map's own blur, smoothed
-    by σ in the map's domain; a lone hot pixel then weighs less than a blob of the same height."""
-    from flowad_plugins.scoring import SeparableGaussianBlur
-
-    torch.manual_seed(0)
-    maps = [torch.randn(3, 8, 8), torch.randn(3, 4, 4)]
-    plain = AnomalyScorer(2, aggregation=aggregation)(maps, (32, 32))
-    scorer = AnomalyScorer(2, aggregation=aggregation, blur_sigma=blur_sigma, score_blur_sigma=3.0)
-    output = scorer(maps, (32, 32))
-    expected = SeparableGaussianBlur(3.0)(plain.anomaly_map).flatten(1).amax(dim=1)
-    torch.testing.assert_close(output.pred_score, expected, rtol=1e-4, atol=1e-4)
-    if blur_sigma == 0:
-        torch.testing.assert_close(output.anomaly_map, plain.anomaly_map)
-    assert scorer.score_blur_sigma == 3.0
+    torch.testing.assert_close(out_coarsest.pred_score, only_coarsest(maps[2:], (16, 16)).pred_score)
+    torch.testing.assert_close(coarsest.score_map(maps, (16, 16)), only_coarsest(maps[2:], (16, 16)).anomaly_map)
+    if aggregation == "likelihood":  # smoothed in the probability domain, as the papers combine scales
+        expected = -MapResampler().blur((-out_every.anomaly_map).exp(), 4.0).log()
+    else:
+        expected = MapResampler().blur(out_every.anomaly_map, 4.0)
+    torch.testing.assert_close(out_coarsest.anomaly_map, expected, atol=1e-4, rtol=1e-4)
+    assert coarsest.score_scales == [2] and every.map_scales == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"score_scales must be a non-empty subset of \[0, 1, 2\]"):
+        AnomalyScorer(3, aggregation=aggregation, score_scales=[-4])
     with pytest.raises(ValueError, match="score_blur_sigma must be ≥ 0"):
-        AnomalyScorer(2, score_blur_sigma=-1.0)
+        AnomalyScorer(2, aggregation=aggregation, score_blur_sigma=-1.0)
 
 
 def test_score_blur_ranks_a_blob_above_a_lone_pixel_of_the_same_height() -> None:
-    scorer = AnomalyScorer(1, score_blur_sigma=2.0)
+    scorer = AnomalyScorer(1, aggregation="standardized", score_blur_sigma=2.0)
     maps = [torch.zeros(2, 32, 32)]
     maps[0][0, 16, 16] = -10.0  # image 0: one low-likelihood position
     maps[0][1, 12:20, 12:20] = -10.0  # image 1: a defect of 8×8 positions, same depth
-    output = scorer(maps, (32, 32))
-    assert output.pred_score[1] > 2 * output.pred_score[0]
-    assert AnomalyScorer(1)(maps, (32, 32)).pred_score.unique().numel() == 1  # the plain maximum ties them
+    assert scorer(maps, (32, 32)).pred_score[1] > 2 * scorer(maps, (32, 32)).pred_score[0]
+    assert AnomalyScorer(1, aggregation="standardized")(maps, (32, 32)).pred_score.unique().numel() == 1
 
 
-def test_score_map_statistics_fit_per_position_and_restore_any_shape() -> None:
-    from flowad_plugins.position_statistics import ScoreMapStatistics
-
+def test_position_statistics_fit_per_position_shrink_and_restore_their_shape() -> None:
     torch.manual_seed(0)
     first, second = torch.randn(4, 1, 6, 5) * 2 + 1, torch.randn(3, 1, 6, 5) * 2 + 1
-    stats = ScoreMapStatistics()
+    stats = PositionStatistics()
     assert not stats.fitted
-    stats.fit([first, second])
+    stats.fit([first, second], shrink=0.5, jitter=0.0)
     together = torch.cat([first, second])[:, 0].double()
-    torch.testing.assert_close(stats.map_mean, together.mean(dim=0).float())
-    torch.testing.assert_close(stats.map_std, together.std(dim=0, correction=0).float())
-    restored = ScoreMapStatistics()
+    variance = together.var(dim=0, correction=0)
+    torch.testing.assert_close(stats.mean, together.mean(dim=0).float())
+    torch.testing.assert_close(stats.std, (variance + 0.25 * variance.mean()).sqrt().float())
+    restored = PositionStatistics()
     restored.load_state_dict(stats.state_dict())  # the buffers take the checkpoint's shapes
-    torch.testing.assert_close(restored.map_std, stats.map_std)
-    restored.load_state_dict({})  # a checkpoint from before these statistics: loads, without them
-    assert not restored.fitted
+    torch.testing.assert_close(restored.std, stats.std)
 
 
 def test_position_score_cancels_a_place_that_is_unusual_on_every_normal_image() -> None:
-    """A border row that is always low-likelihood on normal images decides the plain maximum, not the position
-    score; a real defect in the interior still does. The map itself is unchanged."""
+    """A border row that is low on every normal image decides the plain maximum, not the position score; a real
+    defect in the interior still does. The map itself is unchanged, and the statistics follow another map size."""
     torch.manual_seed(0)
-    normal = torch.randn(64, 8, 8) * 0.1
+    normal = torch.randn(64, 16, 16) * 0.1
     normal[:, 0, :] -= 5.0  # the top row: low likelihood on every normal image (a border artefact)
-    scorer = AnomalyScorer(1, position_score=True)
-    with scorer.plain_score_maps():
-        plain_maps = scorer([normal], (8, 8)).anomaly_map
-    scorer.map_statistics.fit([plain_maps])
+    scorer = AnomalyScorer(1, aggregation="standardized")
+    scorer.positions.fit([scorer.score_map([normal], (16, 16))])
     border_only, defect = normal[:1].clone(), normal[1:2].clone()
-    defect[0, 4, 4] -= 3.0
+    defect[0, 8, 8] -= 3.0
     images = [torch.cat([border_only, defect])]
-    plain = AnomalyScorer(1)(images, (8, 8))
+    plain = AnomalyScorer(1, aggregation="standardized")(images, (16, 16))
     assert plain.pred_score[0] > 0.9 * plain.pred_score[1]  # the border dominates the plain maximum
-    output = scorer(images, (8, 8))
+    output = scorer(images, (16, 16))
     assert output.pred_score[1] > 5 * output.pred_score[0]
     torch.testing.assert_close(output.anomaly_map, plain.anomaly_map)
-    stretched = scorer([torch.nn.functional.interpolate(images[0][:, None], size=(16, 16))[:, 0]], (16, 16))
-    assert stretched.pred_score[1] > stretched.pred_score[0]  # statistics follow another map size
+    stretched = scorer([F.interpolate(images[0][:, None], size=(32, 32))[:, 0]], (32, 32))
+    assert stretched.pred_score[1] > stretched.pred_score[0]
+
+
+def test_position_score_is_robust_to_a_tiny_shift_where_normal_maps_are_constant() -> None:
+    """A place where every normal map is (nearly) the same value — a plain background — must not turn a shift that
+    is tiny against the normal variation elsewhere (bf16 rounding, ±2/255 brightness) into a large score."""
+    torch.manual_seed(0)
+    normal = torch.randn(64, 16, 16)
+    normal[:, :, :4] = 0.5 + 1e-4 * torch.randn(64, 16, 4)  # the background: almost no spread
+    scorer = AnomalyScorer(1, aggregation="standardized")
+    scorer.positions.fit([scorer.score_map([normal], (16, 16))])
+    drifted, defective = torch.randn(1, 16, 16) * 0.5, torch.randn(1, 16, 16) * 0.5
+    drifted[:, :, :4] = 0.5 - 0.05  # the whole background 5 % of a normal std lower (more anomalous)
+    defective[:, :, :4] = 0.5
+    defective[0, 10, 10] = -6.0  # a defect six normal stds deep
+    scores = scorer([torch.cat([drifted, defective])], (16, 16)).pred_score
+    assert scores[1] > 2 * scores[0] and scores[0] < 2.5
+
+
+def test_position_statistics_forgive_a_part_moved_by_the_jitter_but_not_a_defect() -> None:
+    torch.manual_seed(0)
+    normal = 0.1 * torch.randn(40, 64, 64)
+    normal[:, 20:24, 30:34] -= 5.0  # a structure every normal image has at the same place
+    scorer = AnomalyScorer(1, aggregation="standardized")
+    scorer.positions.fit([scorer.score_map([normal], (64, 64))], jitter=2 / 64)
+    moved, defective = 0.1 * torch.randn(1, 64, 64), 0.1 * torch.randn(1, 64, 64)
+    moved[:, 22:26, 32:36] -= 5.0  # the same structure, 2 px down and right
+    defective[:, 20:24, 30:34] -= 5.0
+    defective[:, 44:47, 10:13] -= 5.0  # and a defect where no normal image has anything
+    scores = scorer([torch.cat([moved, defective])], (64, 64)).pred_score
+    assert scores[1] > 3 * scores[0]
+
+
+def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> None:
+    scores = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.4, 0.5, 0.6, 1.0, 50.0, 1e4])
+    normalized = FlowPostProcessor._normalize(scores, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.5))
+    assert torch.all(normalized[1:] > normalized[:-1])
+    assert torch.all((normalized > 0) & (normalized < 1))
+    assert normalized[5].item() == 0.5

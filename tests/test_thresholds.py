@@ -97,11 +97,14 @@ def test_normal_only_validation_realises_requested_rates_on_fresh_normal_data() 
     scores, maps = torch.randn(fresh, generator=generator), _correlated_maps(fresh, generator)
     output = post_processor(InferenceBatch(pred_score=scores, anomaly_map=maps))
     # normalisation maps the raw threshold to 0.5: labels and masks are "raw value > raw threshold" (compared
-    # away from the threshold itself, where float32 rounding of 0.5 + tiny may go either way)
-    for flags, raw, threshold in ((output.pred_label, scores, report["image"]["raw_threshold"]),
-                                  (output.pred_mask, maps, report["pixel"]["raw_threshold"])):
+    # away from the threshold itself, where float32 rounding of 0.5 + tiny may go either way); masks only on
+    # images labelled anomalous
+    pixel_flags = maps > report["pixel"]["raw_threshold"]
+    for flags, expected, raw, threshold in (
+            (output.pred_label, scores > report["image"]["raw_threshold"], scores, report["image"]["raw_threshold"]),
+            (output.pred_mask, pixel_flags & output.pred_label[:, None, None], maps, report["pixel"]["raw_threshold"])):
         clear = (raw - threshold).abs() > 1e-5
-        assert torch.equal(flags[clear], (raw > threshold)[clear])
+        assert torch.equal(flags[clear], expected[clear])
 
     image_rate = output.pred_label.float().mean().item()
     expected = report["image"]["expected_fpr"]
@@ -109,13 +112,13 @@ def test_normal_only_validation_realises_requested_rates_on_fresh_normal_data() 
     assert abs(image_rate - expected) < 4 * sampling_error
     assert expected <= 0.05
 
-    per_image = output.pred_mask.float().flatten(1).mean(dim=1)
+    per_image = pixel_flags.float().flatten(1).mean(dim=1)
     pixel_error = math.sqrt(report["pixel"]["validation_fpr_se"] ** 2 + per_image.var().item() / fresh)
     assert abs(per_image.mean().item() - 0.01) < 4 * pixel_error
     assert report["pixel"]["validation_fpr_se"] > 0
 
 
-def test_anomalies_in_validation_give_f1_alongside_and_by_default() -> None:
+def test_anomalies_in_validation_give_f1_alongside_but_the_image_threshold_comes_from_normals() -> None:
     generator = torch.Generator().manual_seed(2)
     labels = torch.cat([torch.zeros(200, dtype=torch.bool), torch.ones(50, dtype=torch.bool)])
     scores = torch.randn(250, generator=generator) + 3 * labels
@@ -141,10 +144,17 @@ def test_anomalies_in_validation_give_f1_alongside_and_by_default() -> None:
     assert float(by_rate._image_threshold) == pytest.approx(report["image"]["raw_threshold"])
     assert "F1-optimal" in by_rate.summary() and "(not used)" in by_rate.summary()
 
-    # no rate given and anomalies present: anomalib's F1-optimal thresholds, unchanged
-    assert by_default.threshold_report["image"]["source"] == "f1"
-    assert float(by_default._image_threshold) == pytest.approx(f1_image)
+    # no rate given, anomalies present: the image threshold at the default rate from the normal images (synthetic
+    # anomalies are larger than real ones), the pixel threshold F1-optimal
+    assert by_default.threshold_report["image"]["source"] == "fpr_default"
+    assert float(by_default._image_threshold) == pytest.approx(false_alarm_threshold(scores[:200], 0.05)[0])
     assert float(by_default._pixel_threshold) == pytest.approx(f1_pixel)
+    # the normalised scale: 0.5 at the threshold, ±1 normal-score std at 0.25 / 0.75
+    spread = float(scores[:200].double().std())
+    threshold = float(by_default._image_threshold)
+    normalised = by_default._normalize(torch.tensor([threshold - spread, threshold, threshold + spread]),
+                                       by_default.image_min, by_default.image_max, by_default.image_threshold)
+    torch.testing.assert_close(normalised, torch.tensor([0.25, 0.5, 0.75]))
 
 
 def test_default_with_normal_only_validation_uses_default_rates(caplog: pytest.LogCaptureFixture) -> None:
@@ -158,8 +168,14 @@ def test_default_with_normal_only_validation_uses_default_rates(caplog: pytest.L
     few = FlowPostProcessor()
     scores = torch.randn(5, generator=generator)
     _feed(few, scores, _correlated_maps(5, generator), torch.zeros(5).bool())
-    assert few.threshold_report["image"]["raw_threshold"] == float(scores.max())  # rate 1/(n+1), with a warning
-    assert "too few for the default rate" in caplog.text
+    # too few for an order statistic at 5 %: the 95 % quantile of a normal fitted to them, with a warning
+    report = few.threshold_report["image"]
+    assert report["source"] == "fpr_gaussian"
+    assert report["raw_threshold"] == pytest.approx(float(scores.double().mean() + 1.6449 * scores.double().std()),
+                                                    abs=1e-3)
+    assert "mean + 1.64 std of 5 normal scores" in few.summary()
+    few.on_fit_end(None, None)
+    assert "rests on only 5 normal validation images" in caplog.text
 
 
 def test_too_few_normal_images_for_a_requested_rate_says_how_many() -> None:
@@ -315,7 +331,10 @@ def test_openvino_export_keeps_the_thresholds(trained, tmp_path: Path) -> None:
     raw_map = raw.anomaly_map.reshape(outputs["pred_mask"].shape)
     clear_pixels = (raw_map - pixel_threshold).abs() > 1e-4
     exported_mask = torch.from_numpy(outputs["pred_mask"]).bool()
-    assert torch.equal(exported_mask[clear_pixels], (raw_map > pixel_threshold)[clear_pixels])
+    # the mask is drawn on the images labelled anomalous only
+    flagged = exported_labels.reshape(-1, *[1] * (raw_map.dim() - 1))
+    assert torch.equal(exported_mask[clear_pixels], ((raw_map > pixel_threshold) & flagged)[clear_pixels])
+    assert not exported_mask[~exported_labels].any()
 
 
 def test_anomalib_train_cli_takes_the_post_processor_and_its_rates(trained, tmp_path: Path) -> None:

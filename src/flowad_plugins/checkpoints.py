@@ -96,6 +96,8 @@ def check_lightning_checkpoint(path: Any, parameter: str = "checkpoint_path", mo
         raise CheckpointFileError(msg)
 
 
+# the per-position statistics take the shape of the maps they were fitted on (``scoring.PositionStatistics``)
+POSITION_STATISTICS = "model.scorer.positions."
 # hyper-parameters that are objects (or carry no shape): not compared
 _UNCOMPARED = {"pre_processor", "post_processor", "evaluator", "visualizer", "seed"}
 
@@ -106,12 +108,10 @@ def check_checkpoint_matches(module: torch.nn.Module, checkpoint: dict[str, Any]
     A checkpoint of another model class names that class; one of the same class trained with other shape-setting
     arguments names the arguments and both values. Differences that leave every weight shape alone pass.
     """
-    from flowad_plugins.position_statistics import takes_any_shape
-
     stored = checkpoint.get("state_dict", {})
     expected = module.state_dict()
     mismatched = sorted(key for key in set(stored) | set(expected)
-                        if not takes_any_shape(key) and (key not in stored or key not in expected
+                        if not key.startswith(POSITION_STATISTICS) and (key not in stored or key not in expected
                                                          or tuple(stored[key].shape) != tuple(expected[key].shape)))
     if not mismatched:
         return

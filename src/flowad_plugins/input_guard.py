@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from anomalib.data import InferenceBatch
@@ -25,9 +25,19 @@ from flowad_plugins.tracing import is_exporting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "finite_frames", "flags_non_finite_frames", "plausible_frames"]
+__all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "finite_frames", "flags_non_finite_frames", "plausible_frames",
+           "validated_input_size"]
 
 MAX_NORMALISED_PIXEL = 8.0
+
+
+def validated_input_size(input_size: Sequence[int]) -> tuple[int, int]:
+    """``input_size`` as ``(H, W)`` ints; ``ValueError`` naming it unless it is two positive integers."""
+    if isinstance(input_size, str) or len(input_size) != 2 or not all(
+            not isinstance(s, bool) and int(s) == s and s > 0 for s in input_size):
+        msg = f"input_size must be two positive integers (H, W), e.g. [256, 256]; got {input_size!r}."
+        raise ValueError(msg)
+    return int(input_size[0]), int(input_size[1])
 """Largest |value| a pre-processed pixel may take: an input pixel of about 2.2 after ImageNet normalisation, far
 beyond [0, 1] (and any resize overshoot), yet below what a 0–255 frame gives (up to about 1,100)."""
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from anomalib.deploy import CompressionType, ExportType
 
+from flowad_plugins.input_guard import validated_input_size
+
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
     from anomalib.models import AnomalibModule
@@ -99,10 +101,7 @@ def export_model(
         raise ValueError(msg)
     check_calibration_data(compression, datamodule)
     if input_size is not None:
-        if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
-            msg = f"input_size must be two positive integers (H, W) or None (any size), got {input_size!r}."
-            raise ValueError(msg)
-        input_size = (int(input_size[0]), int(input_size[1]))
+        input_size = validated_input_size(input_size)
     model.eval()
     if export_type == ExportType.ONNX:
         return model.to_onnx(export_root, model_file_name, input_size, **(onnx_kwargs or {}))

@@ -36,7 +36,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from flowad_plugins.checkpoints import MODEL_CLASS_KEY, check_checkpoint_matches
-from flowad_plugins.input_guard import check_channels
+from flowad_plugins.input_guard import check_channels, validated_input_size
 from flowad_plugins.models.evaluation import FlowEvaluator
 from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
 from flowad_plugins.models.training_state import (  # re-exported for the models
@@ -46,7 +46,7 @@ from flowad_plugins.models.training_state import (  # re-exported for the models
     restore_rng_states,
 )
 from flowad_plugins.post_processing import FlowPostProcessor
-from flowad_plugins.statistics import LikelihoodStatistics, NormalStatisticsLifeCycle
+from flowad_plugins.scoring import LikelihoodStatistics, NormalStatisticsLifeCycle
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +70,6 @@ class FlowLoss(NamedTuple):
 
     loss: torch.Tensor
     log_likelihoods: Sequence[torch.Tensor | None]
-
-
-def validated_input_size(input_size: Sequence[int]) -> tuple[int, int]:
-    """``input_size`` as ``(H, W)`` ints; ``ValueError`` unless it is two positive integers."""
-    if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
-        msg = f"input_size must be two positive integers (H, W), got {input_size!r}."
-        raise ValueError(msg)
-    return int(input_size[0]), int(input_size[1])
 
 
 def check_optimiser_settings(lr: float, **non_negative: float) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from anomalib.metrics import Evaluator
 from lightning import LightningModule, Trainer
 
-from flowad_plugins.statistics import is_last_validation_of_fit
+from flowad_plugins.scoring import is_last_validation_of_fit
 
 
 def is_pixel_metric(metric: Any) -> bool:

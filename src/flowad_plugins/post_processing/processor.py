@@ -3,36 +3,48 @@ normalisation (see the package docstring for the rules)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import Metric
 
-from flowad_plugins.statistics import is_last_validation_of_fit
+from flowad_plugins.scoring import is_last_validation_of_fit
 
 from .metadata import finite_or_none
 from .normal_predictions import NormalValidationPredictions, normal_sample_paths
-from .summary import threshold_summary
+from .summary import threshold_summary, threshold_warnings
 from .thresholds import (
     DEFAULT_IMAGE_FPR,
     DEFAULT_PIXEL_FPR,
     check_normal_image_counts,
     check_rate,
     level_threshold_report,
+    normalisation_spread,
 )
+
+logger = logging.getLogger("flowad_plugins.post_processing")
+
+
+def masked_by_label(pred_mask: torch.Tensor | None, pred_label: torch.Tensor | None) -> torch.Tensor | None:
+    """``pred_mask`` (``B×…``) cleared on images whose ``pred_label`` (``B``) is normal: a frame the line passes
+    shows no defect region (no border bands on normal frames). Unchanged when either is missing."""
+    if pred_mask is None or pred_label is None or pred_mask.dtype != torch.bool:
+        return pred_mask
+    return pred_mask & pred_label.bool().reshape(-1, *[1] * (pred_mask.dim() - 1))
 
 
 class FlowPostProcessor(PostProcessor):
     """anomalib ``PostProcessor`` with thresholds at chosen false-alarm rates and rank-preserving normalisation.
 
     Args:
-        image_fpr: share of normal images to flag, in (0, 1); ``None``: F1-optimal when validation holds
-            anomalies, else ``DEFAULT_IMAGE_FPR``.
+        image_fpr: share of normal images to flag, in (0, 1); ``None``: ``DEFAULT_IMAGE_FPR`` (the threshold comes
+            from normal validation images only; anomalies in validation do not move it).
         pixel_fpr: share of normal pixels to flag, in (0, 1); ``None``: as ``image_fpr`` with ``DEFAULT_PIXEL_FPR``.
         verbose: print the threshold summary at the end of training.
         **kwargs: anomalib ``PostProcessor`` arguments (``enable_normalization``, sensitivities, ...).
@@ -84,19 +96,6 @@ class FlowPostProcessor(PostProcessor):
             raise ValueError(msg)
         self._check_counts(len(val_normal))
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Commit the flow's pending normal-data statistics before validation scores anything.
-
-        Lightning validates *before* ``on_train_epoch_end``, where ``FlowAnomalibModule`` commits the epoch's
-        likelihood statistics; without this, thresholds would be set on the previous epoch's scoring and
-        shift when the statistics change. ``commit`` is a no-op when nothing is pending (validate-only runs,
-        and the later end-of-epoch commit).
-        """
-        del trainer
-        statistics = getattr(getattr(getattr(pl_module, "model", None), "scorer", None), "statistics", None)
-        if statistics is not None and callable(getattr(statistics, "commit", None)):
-            statistics.commit()
-
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any, **kwargs: Any
     ) -> None:
@@ -116,17 +115,19 @@ class FlowPostProcessor(PostProcessor):
         if trainer.sanity_checking:
             self._reset_accumulators()
             return
-        self._compute_normalization()
         if self.enable_thresholding and self._normal_predictions.update_called:
             self._compute_thresholds(pixel=is_last_validation_of_fit(trainer))
+        self._compute_normalization()
         self._reset_accumulators()
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Print the rates, raw thresholds and counts used."""
+        """Print the rates, raw thresholds and counts used, and a warning when they rest on too few images."""
         del trainer, pl_module
         if self.verbose and self.threshold_report:
             print(self.summary())
+        for warning in threshold_warnings(self.threshold_report):
+            logger.warning(warning)
 
     # ---------------------------------------------------------------- thresholds
 
@@ -135,13 +136,20 @@ class FlowPostProcessor(PostProcessor):
         check_normal_image_counts(normal_images, self.image_fpr, self.pixel_fpr)
 
     def _compute_normalization(self) -> None:
+        """Scale of the normalised score: ``threshold ± spread`` of the normal validation values (so a normal image
+        one spread below the threshold reads 0.25); without thresholds, anomalib's validation min and max."""
         if not self.enable_normalization:
             return
-        for metric, low, high in (
-            (self._image_min_max_metric, self.image_min, self.image_max),
-            (self._pixel_min_max_metric, self.pixel_min, self.pixel_max),
+        for level, metric, low, high in (
+            ("image", self._image_min_max_metric, self.image_min, self.image_max),
+            ("pixel", self._pixel_min_max_metric, self.pixel_min, self.pixel_max),
         ):
-            if metric.update_called:
+            spread = self.threshold_report.get(level, {}).get("spread")
+            threshold = self.threshold_report.get(level, {}).get("raw_threshold")
+            if spread is not None and threshold is not None:
+                low.fill_(threshold - spread)
+                high.fill_(threshold + spread)
+            elif metric.update_called:
                 value_min, value_max = metric.compute()
                 low.copy_(value_min)
                 high.copy_(value_max)
@@ -160,6 +168,11 @@ class FlowPostProcessor(PostProcessor):
             report["pixel"] = level_threshold_report(
                 "pixel", normal_maps, self.pixel_fpr, DEFAULT_PIXEL_FPR, f1_pixel, normal_images
             )
+        report["image"]["spread"] = normalisation_spread(normal_scores)
+        if "pixel" in report:
+            report["pixel"]["spread"] = normalisation_spread(normal_maps)
+        elif "pixel" in self.threshold_report:  # an earlier validation of the fit: the pixel level is set later
+            report["pixel"] = self.threshold_report["pixel"]
         for level, buffer in (("image", self._image_threshold), ("pixel", self._pixel_threshold)):
             if level in report and report[level]["raw_threshold"] is not None:
                 buffer.fill_(report[level]["raw_threshold"])
@@ -199,6 +212,18 @@ class FlowPostProcessor(PostProcessor):
         }
 
     # ---------------------------------------------------------------- normalisation
+
+    # ---------------------------------------------------------------- labels and masks
+
+    def forward(self, predictions: InferenceBatch) -> InferenceBatch:
+        """anomalib's post-processing (used by exported graphs), with the mask only on images labelled anomalous."""
+        processed = super().forward(predictions)
+        return processed._replace(pred_mask=masked_by_label(processed.pred_mask, processed.pred_label))
+
+    def threshold_batch(self, batch: Batch) -> None:
+        """anomalib's labels and masks, with the mask only on images labelled anomalous (test, predict)."""
+        super().threshold_batch(batch)
+        batch.pred_mask = masked_by_label(batch.pred_mask, batch.pred_label)
 
     @staticmethod
     def _normalize(

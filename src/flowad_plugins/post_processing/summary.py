@@ -20,10 +20,14 @@ def threshold_summary(report: dict[str, Any]) -> str:
             continue
         if entry["source"] == "f1":
             line = f"  {level}: F1-optimal raw threshold {entry['raw_threshold']:.6g} (no {level}_fpr given)"
+        elif entry["source"] == "fpr_gaussian":
+            line = (f"  {level}: false-alarm rate {entry['fpr']:.3%} (default) -> raw threshold "
+                    f"{entry['raw_threshold']:.6g} (mean + {_z(entry['fpr']):.2f} std of {entry['samples']} normal "
+                    f"scores: too few for an order statistic, which needs {entry['needed']})")
         elif entry["source"] == "none":
             line = f"  {level}: no threshold (no normal validation images)"
         else:
-            how = "requested" if entry["source"] == "fpr" else "default, validation has no anomalies"
+            how = "requested" if entry["source"] == "fpr" else "default"
             line = (f"  {level}: false-alarm rate {entry['fpr']:.3%} ({how}) -> raw threshold "
                     f"{entry['raw_threshold']:.6g}")
             if level == "image":
@@ -36,6 +40,36 @@ def threshold_summary(report: dict[str, Any]) -> str:
             line += f"; F1-optimal {entry['f1_threshold']:.6g} (not used)"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _z(rate: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(1.0 - rate))
+
+
+MIN_SYNTHETIC_ANOMALIES = 10  # fewer anomalous validation images make the pixel F1 threshold a guess
+
+
+def threshold_warnings(report: dict[str, Any]) -> list[str]:
+    """What a person must know about ``report``: thresholds resting on too few images, and what to do."""
+    warnings = []
+    image = report.get("image", {})
+    normal = report.get("normal_images", 0)
+    if image.get("source") == "fpr_gaussian":
+        warnings.append(
+            f"The image threshold rests on only {normal} normal validation images ({image['needed']} support a "
+            f"{image['fpr']:.0%} false-alarm rate without assuming a distribution): the rate you get on the line may "
+            "be several times higher or lower. Add normal images or raise val_split_ratio (each held-out normal "
+            "image counts), or check the rate on a day of production images before relying on the labels.")
+    pixel = report.get("pixel", {})
+    anomalous = report.get("anomalous_images", 0)
+    if pixel.get("source") == "f1" and anomalous < MIN_SYNTHETIC_ANOMALIES:
+        warnings.append(
+            f"The pixel threshold is F1-optimal on only {anomalous} anomalous validation images: masks may be too "
+            "large or too small. Raise val_split_ratio, or give pixel_fpr (e.g. 0.001) to set it from normal "
+            "images instead.")
+    return warnings
 
 
 def ordinal(number: int) -> str:

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+from scipy.stats import norm
 
 logger = logging.getLogger("flowad_plugins.post_processing")
 
@@ -84,6 +85,17 @@ def check_normal_image_counts(normal_images: int, image_fpr: float | None, pixel
         raise ValueError(msg)
 
 
+def gaussian_threshold(normal_scores: torch.Tensor, fpr: float) -> float:
+    """``mean + z₁₋fpr·std`` of ``normal_scores`` (sample std): the rate-``fpr`` quantile of a normal fitted to them.
+
+    Used for the image threshold when there are too few normal validation images for an order statistic at the
+    default rate (``required_normal_images``): the highest of 5 scores would flag about 1 in 6 normal images.
+    """
+    values = normal_scores.detach().flatten().double()
+    spread = float(values.std()) if values.numel() > 1 else 0.0
+    return float(values.mean()) + float(norm.ppf(1.0 - fpr)) * spread
+
+
 def level_threshold_report(
     level: str,
     normal_values: torch.Tensor,
@@ -94,27 +106,29 @@ def level_threshold_report(
 ) -> dict[str, Any]:
     """Threshold report of one level (``"image"``: scores ``(n,)``; ``"pixel"``: maps ``(n, P)``).
 
-    Holds the source (``fpr``, ``fpr_default``, ``f1``, ``none``), rate, raw threshold, rank, expected rate and
-    its spread (image) or the validation rate and its standard error across images (pixel).
+    Image: the requested rate, else ``default``, from the normal validation scores (an order statistic, or
+    ``gaussian_threshold`` when too few images support the default rate); the F1-optimal threshold on validation
+    anomalies is reported alongside, never used (synthetic anomalies are larger than real ones: it misses defects).
+    Pixel: the requested rate; else the F1-optimal threshold when validation holds anomalies; else ``default``.
+    The entry holds the source (``fpr``, ``fpr_default``, ``fpr_gaussian``, ``f1``, ``none``), rate, raw threshold,
+    rank and expected rate (image) or the validation rate and its standard error across images (pixel).
     """
     entry: dict[str, Any] = {"requested_fpr": requested, "f1_threshold": f1_threshold}
-    if requested is None and f1_threshold is not None:
+    if level == "pixel" and requested is None and f1_threshold is not None:
         entry.update(source="f1", fpr=None, raw_threshold=f1_threshold)
         return entry
     if normal_images == 0:
         entry.update(source="none", fpr=None, raw_threshold=None)
         return entry
     rate = requested if requested is not None else default
-    threshold, rank = false_alarm_threshold(normal_values, rate, allow_fewer=requested is None)
     samples = normal_values.numel()
+    if level == "image" and requested is None and samples < required_normal_images(rate):
+        entry.update(source="fpr_gaussian", fpr=rate, raw_threshold=gaussian_threshold(normal_values, rate),
+                     samples=samples, needed=required_normal_images(rate))
+        return entry
+    threshold, rank = false_alarm_threshold(normal_values, rate, allow_fewer=requested is None)
     entry.update(source="fpr" if requested is not None else "fpr_default", fpr=rate, raw_threshold=threshold,
                  rank=rank, samples=samples, expected_fpr=rank / (samples + 1))
-    if requested is None and rank / (samples + 1) > rate * (1 + 1e-9):
-        logger.warning(
-            "%s threshold: only %d normal validation samples, too few for the default rate %s; using the "
-            "highest normal score (expected false-alarm rate %.3g). Set %s_fpr or add normal images.",
-            level, samples, rate, rank / (samples + 1), level,
-        )
     if level == "image":
         entry["expected_fpr_sd"] = math.sqrt(rank * (samples + 1 - rank) / ((samples + 1) ** 2 * (samples + 2)))
         return entry
@@ -128,3 +142,15 @@ def level_threshold_report(
             "images or raise pixel_fpr.", normal_images, float(per_image.mean()), standard_error,
         )
     return entry
+
+
+def normalisation_spread(normal_values: torch.Tensor) -> float | None:
+    """The spread of normal validation values that one unit of the normalised scale stands for (sample std).
+
+    ``None`` when fewer than two values or no spread: the normalisation then falls back to the validation range.
+    """
+    values = normal_values.detach().flatten().double()
+    if values.numel() < 2:
+        return None
+    spread = float(values.std())
+    return spread if math.isfinite(spread) and spread > 0 else None

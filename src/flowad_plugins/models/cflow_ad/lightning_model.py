@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,16 +40,10 @@ class CflowAD(FlowAnomalibModule):
         clamp_alpha: soft clamp of the affine coupling.
         permute_soft: random orthogonal channel mixing between blocks (paper) instead of permutations.
         fiber_batch_size: fibers per optimizer step (paper: 256).
-        max_fibers_per_image: deprecated (no configuration uses it; kept so older checkpoints load). Trains on
-            at most this many random positions per image and layer; ``None`` = all.
         lr: Adam learning rate (peak of the schedule).
         warmup_fraction: share of the training steps spent on the linear warm-up.
         inference_chunk_size: fibers per vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum; chosen on validation of several categories).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
@@ -69,13 +62,10 @@ class CflowAD(FlowAnomalibModule):
         clamp_alpha: float = 1.9,
         permute_soft: bool = True,
         fiber_batch_size: int = 256,
-        max_fibers_per_image: int | None = None,
         lr: float = 1e-3,
         warmup_fraction: float = 0.05,
         inference_chunk_size: int = 65536,
         blur_sigma: float = 8.0,
-        score_blur_sigma: float = 0.0,
-        position_score: bool = True,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -94,13 +84,6 @@ class CflowAD(FlowAnomalibModule):
         if fiber_batch_size < 1:
             msg = f"fiber_batch_size must be ≥ 1, got {fiber_batch_size}."
             raise ValueError(msg)
-        if max_fibers_per_image is not None:
-            if max_fibers_per_image < 1:
-                msg = f"max_fibers_per_image must be ≥ 1 or None, got {max_fibers_per_image}."
-                raise ValueError(msg)
-            warnings.warn("CflowAD(max_fibers_per_image=...) is deprecated and will be removed; train on all "
-                          "fibers (lower fiber_batch_size or the input size to save time).", FutureWarning,
-                          stacklevel=2)
         self.model = CflowADModel(
             backbone=backbone,
             layers=list(layers),
@@ -112,12 +95,9 @@ class CflowAD(FlowAnomalibModule):
             permute_soft=permute_soft,
             inference_chunk_size=inference_chunk_size,
             blur_sigma=blur_sigma,
-            score_blur_sigma=score_blur_sigma,
-            position_score=position_score,
         )
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size
-        self.max_fibers_per_image = max_fibers_per_image
         check_optimiser_settings(lr)
         self.lr = lr
         self.warmup_fraction = warmup_fraction
@@ -133,7 +113,7 @@ class CflowAD(FlowAnomalibModule):
         """One loss per chunk of ``fiber_batch_size`` fibers of every layer (each fiber of the batch once)."""
         features = self.model.encoder(batch.image)
         sizes = [tuple(feature_map.shape[-2:]) for feature_map in features]
-        fibers = [self.model.fibers(feature_map, self.max_fibers_per_image) for feature_map in features]
+        fibers = [self.model.fibers(feature_map) for feature_map in features]
         steps = max(math.ceil(layer_fibers.shape[0] / self.fiber_batch_size) for layer_fibers, _ in fibers)
         # DDP: every rank must take the same number of Adam steps (each backward all-reduces the gradients)
         steps = all_reduce_max(steps, batch.image.device)

@@ -43,10 +43,6 @@ class CflowADModel(nn.Module):
         permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
         inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum; chosen on validation of several categories).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
     """
 
     # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
@@ -63,9 +59,7 @@ class CflowADModel(nn.Module):
         clamp_alpha: float = 1.9,
         permute_soft: bool = True,
         inference_chunk_size: int = 65536,
-        blur_sigma: float = 0.0,
-        score_blur_sigma: float = 0.0,
-        position_score: bool = True,
+        blur_sigma: float = 8.0,
     ) -> None:
         super().__init__()
         if inference_chunk_size < 1:
@@ -77,24 +71,16 @@ class CflowADModel(nn.Module):
             fiber_flow(channels, coupling_blocks, clamp_alpha, condition_dim=condition_dim, permute_soft=permute_soft)
             for channels in self.encoder.channels
         )
-        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
-                                    score_blur_sigma=score_blur_sigma,
-                                    position_score=position_score)
+        self.scorer = AnomalyScorer(len(self.encoder.layers), aggregation="likelihood", blur_sigma=blur_sigma)
         self.inference_chunk_size = inference_chunk_size
         # (layer, h, w, device, dtype) -> (decoder parameter versions, prepared flow steps); inference only
         self._condition_cache: dict[tuple, tuple[tuple[int, ...], list[FiberStep]]] = {}
 
-    def fibers(self, features: torch.Tensor, max_per_image: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their positions ``(B·h·w)`` (row-major).
-
-        With ``max_per_image`` (training only), keep that many random positions per image: ``(B·m)×C``.
-        """
+    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten ``B×C×h×w`` features to fibers ``(B·h·w)×C`` and their positions ``(B·h·w)`` (row-major)."""
         batch, channels, height, width = features.shape
         fibers = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
         positions = torch.arange(height * width, device=features.device).unsqueeze(0).expand(batch, -1)
-        if max_per_image is not None and max_per_image < height * width:
-            positions = torch.rand(batch, height * width, device=features.device).argsort(dim=1)[:, :max_per_image]
-            fibers = fibers.gather(1, positions.unsqueeze(-1).expand(-1, -1, channels))
         return fibers.reshape(-1, channels), positions.reshape(-1)
 
     def fiber_log_likelihood(
@@ -165,8 +151,11 @@ class CflowADModel(nn.Module):
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
         if not is_exporting():
             self.encoder.check_input_size(tuple(images.shape[-2:]))
-        features = self.encoder(images)
         if self.training:
-            return features
+            return self.encoder(images)
         with torch.no_grad():
-            return self.scorer(self.log_likelihood_maps(features), images.shape[-2:])
+            return self.scorer(self.likelihood_maps(images), images.shape[-2:])
+
+    def likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer log-likelihood maps ``B×h_l×w_l`` of images ``B×3×H×W`` (what the scorer combines)."""
+        return self.log_likelihood_maps(self.encoder(images))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,12 +58,8 @@ class CSFlow(FlowAnomalibModule):
             highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
             generated data.
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen with ``position_score`` on the small-defect
+            (0 = the plain maximum). 4 for CS-Flow: chosen with the per-position score on the small-defect
             validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
-        map_scales: deprecated (no configuration uses it; kept so older checkpoints load). Scales (0 = finest)
-            whose maps form the anomaly map; ``None`` = all. The image score always uses all scales.
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (640×640). Height and width must be multiples of the backbone stride × 4.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
@@ -98,8 +93,6 @@ class CSFlow(FlowAnomalibModule):
         warmup_fraction: float = 0.05,
         blur_sigma: float = 16.0,
         score_blur_sigma: float = 4.0,
-        position_score: bool = True,
-        map_scales: Sequence[int] | None = None,
         input_size: Sequence[int] | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -119,9 +112,6 @@ class CSFlow(FlowAnomalibModule):
             msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(self.LR_SCHEDULES)}."
             raise ValueError(msg)
         check_optimiser_settings(lr, weight_decay=weight_decay, gradient_clip_norm=gradient_clip_norm)
-        if map_scales is not None:
-            warnings.warn("CSFlow(map_scales=...) is deprecated and will be removed; the anomaly map combines all "
-                          "scales.", FutureWarning, stacklevel=2)
         self.model = CSFlowModel(
             backbone=backbone,
             layer=layer,
@@ -135,8 +125,6 @@ class CSFlow(FlowAnomalibModule):
             input_norm=input_norm,
             blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
-            position_score=position_score,
-            map_scales=map_scales,
         )
         self.adopt_input_size(self.input_size)
         self.lr = lr

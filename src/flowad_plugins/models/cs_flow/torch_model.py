@@ -45,11 +45,8 @@ class CSFlowModel(nn.Module):
             highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
             generated data.
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen with ``position_score`` on the small-defect
+            (0 = the plain maximum). 4 for CS-Flow: chosen with the per-position score on the small-defect
             validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
-        map_scales: scales (0 = finest) whose maps form the anomaly map; ``None`` = all (the score uses all).
     """
 
     # eval batches run in passes of at most this many input pixels (16 images of 256², see ``inference_passes``)
@@ -69,8 +66,6 @@ class CSFlowModel(nn.Module):
         input_norm: bool = True,
         blur_sigma: float = 16.0,
         score_blur_sigma: float = 4.0,
-        position_score: bool = True,
-        map_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(layer, str):
@@ -91,9 +86,8 @@ class CSFlowModel(nn.Module):
             clamp_alpha=clamp_alpha,
             input_norm=input_norm,
         )
-        self.scorer = AnomalyScorer(num_scales=self.num_scales, blur_sigma=blur_sigma, map_scales=map_scales,
-                                    score_blur_sigma=score_blur_sigma,
-                                    position_score=position_score)
+        self.scorer = AnomalyScorer(self.num_scales, aggregation="standardized", blur_sigma=blur_sigma,
+                                    score_blur_sigma=score_blur_sigma)
 
     @property
     def size_multiple(self) -> int:
@@ -142,5 +136,10 @@ class CSFlowModel(nn.Module):
             if self.training:
                 return self.flow(features)
             with torch.no_grad():
-                latents, _ = self.flow(features)
-                return self.scorer(self.log_likelihood_maps(latents), images.shape[-2:])
+                return self.scorer(self.log_likelihood_maps(self.flow(features)[0]), images.shape[-2:])
+
+    def likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale maps ``B×h_l×w_l`` of images ``B×3×H×W`` (what the scorer combines)."""
+        features = [as_float32(feature) for feature in self.features(images)]
+        with float32_region(images.device.type):
+            return self.log_likelihood_maps(self.flow(features)[0])

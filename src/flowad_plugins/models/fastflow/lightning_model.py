@@ -37,13 +37,6 @@ class FastFlow(FlowAnomalibModule):
         map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
             default: better localisation on validation data (benchmarks/experiments/fastflow_log_det.py).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum; chosen on validation of several categories).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
-        score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
-            The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
-            small-defect validation of bottle, tire and generated data (``docs/selection.md``).
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
@@ -66,9 +59,6 @@ class FastFlow(FlowAnomalibModule):
         clamp: float = 2.0,
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
-        score_blur_sigma: float = 0.0,
-        position_score: bool = True,
-        score_scales: Sequence[int] | None = (-1,),
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         input_size: Sequence[int] | None = None,
@@ -101,22 +91,11 @@ class FastFlow(FlowAnomalibModule):
             clamp=clamp,
             map_log_det=map_log_det,
             blur_sigma=blur_sigma,
-            score_blur_sigma=score_blur_sigma,
-            position_score=position_score,
-            score_scales=score_scales,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)
         self.lr = lr
         self.weight_decay = weight_decay
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint written before ``score_scales`` existed scored the map of every scale and fitted its
-        per-position statistics on it: it keeps scoring that way."""
-        super().on_load_checkpoint(checkpoint)
-        if "score_scales" not in checkpoint.get("hyper_parameters", {}):
-            self.model.scorer.score_scales = None
-            self.hparams["score_scales"] = None
 
     def build_for_input_size(self, input_size: tuple[int, int]) -> None:
         """Rebuild the (untrained) layer norms and flows for the feature shapes at ``input_size``."""

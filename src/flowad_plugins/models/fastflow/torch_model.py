@@ -13,7 +13,7 @@ from torch import nn
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow
 from flowad_plugins.inference_passes import in_image_passes
-from flowad_plugins.input_guard import flags_non_finite_frames
+from flowad_plugins.input_guard import flags_non_finite_frames, validated_input_size
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -70,13 +70,6 @@ class FastFlowModel(nn.Module):
         map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
             default: better localisation on validation data (benchmarks/fastflow_log_det.py).
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum; chosen on validation of several categories).
-        position_score: image score from the unsmoothed map standardised per position with normal training
-            statistics (``AnomalyScorer``); the map is unchanged.
-        score_scales: the scales (0 = finest, -1 = coarsest) whose map gives the image score; ``None`` = all.
-            The coarsest alone by default: the finer scales' maps made the per-position score noisier on the
-            small-defect validation of bottle, tire and generated data (``docs/selection.md``).
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
@@ -98,9 +91,6 @@ class FastFlowModel(nn.Module):
         clamp: float = 2.0,
         map_log_det: bool = True,
         blur_sigma: float = 0.0,
-        score_blur_sigma: float = 0.0,
-        position_score: bool = True,
-        score_scales: Sequence[int] | None = (-1,),
     ) -> None:
         super().__init__()
         for name, value in {"flow_steps": flow_steps, "clamp": clamp, "hidden_ratio": hidden_ratio}.items():
@@ -120,17 +110,14 @@ class FastFlowModel(nn.Module):
         self.norms = nn.ModuleList()
         self.flows = nn.ModuleList()
         self._build_heads()
-        self.scorer = AnomalyScorer(len(self.encoder.layers), blur_sigma=blur_sigma, aggregation="likelihood",
-                                    score_blur_sigma=score_blur_sigma,
-                                    position_score=position_score, score_scales=score_scales)
+        # the image score from the coarsest scale: the finer ones made it noisier on validation (docs/selection.md)
+        self.scorer = AnomalyScorer(len(self.encoder.layers), aggregation="likelihood", blur_sigma=blur_sigma,
+                                    score_scales=[-1])
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
             input_size = self.encoder.fixed_input_size or DEFAULT_INPUT_SIZE
-        if len(input_size) != 2 or not all(int(s) == s and s > 0 for s in input_size):
-            msg = f"input_size must be two positive integers (H, W), got {input_size!r}."
-            raise ValueError(msg)
-        size = (int(input_size[0]), int(input_size[1]))
+        size = validated_input_size(input_size)
         self.encoder.check_input_size(size)
         return size
 
@@ -207,6 +194,9 @@ class FastFlowModel(nn.Module):
         if self.training:
             return self.flow_outputs(images)
         with torch.no_grad():
-            outputs = self.flow_outputs(images, with_log_det=self.map_log_det)
-            maps = [self.log_likelihood_map(z, log_det) for z, log_det in outputs]
-            return self.scorer(maps, images.shape[-2:])
+            return self.scorer(self.likelihood_maps(images), images.shape[-2:])
+
+    def likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale log-likelihood maps ``B×h_l×w_l`` of images ``B×3×H×W`` (what the scorer combines)."""
+        outputs = self.flow_outputs(images, with_log_det=self.map_log_det)
+        return [self.log_likelihood_map(z, log_det) for z, log_det in outputs]

@@ -1,0 +1,295 @@
+r"""Decisions at the shipped thresholds, and how they move under small drift; the image-score choice on validation.
+
+For each row (a shipped config, or anomalib's Cflow on the same backbone, layers and budget) and category, one model
+is trained (validation = 20 % of train/good + anomalib's synthetic anomalies, seed 0; never the test set), then:
+
+- **validation study** (ours only; the evidence for the score and threshold defaults): the held-out normal images
+  that anomalib turned into synthetic anomalies are normal images no threshold saw ("unseen normals"); each also gets
+  every kind of local defect (``flowad_plugins.data.local_defects``). Every image-score variant (per-position std
+  shrinkage ``λ`` and map jitter, see ``flowad_plugins.scoring.statistics``) is scored from the same forward passes,
+  clean and under drift (±2/255 brightness, ±8 px shift in the model's input frame, bf16 backbone), with its
+  thresholds set as the post-processor sets them: image AUROC, false-alarm rate and F1 at the false-alarm-rate
+  threshold and at the F1-optimal threshold on anomalib's synthetic anomalies;
+- **test read-out** of the shipped model through its own post-processor (what a checkpoint and IR ship): image F1,
+  false-alarm rate, flagged defects, pixel F1, share of normal images with any mask pixel, median normalised scores,
+  and the same under drift.
+
+Writes ``--out``.json (rows) and ``--out``.md (tables)::
+
+    OMP_NUM_THREADS=2 python benchmarks/decisions.py --rows cflow_ad fastflow csflow anomalib_cflow \
+        --categories bottle tire generated --max-minutes 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from tempfile import mkdtemp
+
+import numpy as np
+import torch
+import yaml
+from anomalib.data.utils import read_image
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+from torch.nn import functional as F
+from torchmetrics.functional.classification import binary_auroc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.datasets import validation_split_datamodule
+from harness.machine import cpu_model
+from harness.models import build_model, default_input_side
+
+from flowad_plugins.data.local_defects import KINDS, add_local_defect
+from flowad_plugins.post_processing.thresholds import DEFAULT_IMAGE_FPR, level_threshold_report
+from flowad_plugins.scoring import PositionStatistics
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {
+    "cflow_ad": ("configs/cflow_ad_efficientnet_lite0.yaml", None),
+    "fastflow": ("configs/fastflow_efficientnet_lite0.yaml", None),
+    "csflow": ("configs/csflow_efficientnet_lite0.yaml", None),
+    "anomalib_cflow": (None, {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}),
+}
+ANOMALIB_EPOCHS = 10
+# image-score variants: (per-position std shrinkage λ, map jitter as a share of the shorter side); None = plain max
+VARIANTS: dict[str, tuple[float, float] | None] = {
+    "plain_max": None, "shrink_0": (1e-3, 0.0), "shrink_0.25": (0.25, 0.0), "shrink_0.5": (0.5, 0.0),
+    "shrink_1": (1.0, 0.0), "shrink_0.25_jitter": (0.25, 1 / 32), "shrink_0.5_jitter": (0.5, 1 / 32),
+    "shrink_1_jitter": (1.0, 1 / 32),
+}
+BRIGHTNESS = 2 / 255
+SHIFT = 8
+CONDITIONS = ("clean", "bright+2", "bright-2", "shift+8", "shift-8", "bf16")
+
+
+def drifted(images: torch.Tensor, condition: str, pre_processor) -> torch.Tensor:
+    """``images`` (``B×3×H×W`` in [0, 1]) pre-processed, then drifted (brightness before the resize; the shift, along
+    both axes, after it, with the uncovered border reflected)."""
+    if condition.startswith("bright"):
+        images = (images + (BRIGHTNESS if condition.endswith("+2") else -BRIGHTNESS)).clamp(0, 1)
+    inputs = pre_processor(images)
+    if condition.startswith("shift"):
+        step = SHIFT if condition.endswith("+8") else -SHIFT
+        padded = F.pad(inputs, (SHIFT, SHIFT, SHIFT, SHIFT), mode="reflect")
+        height, width = inputs.shape[-2:]
+        inputs = padded[..., SHIFT - step: SHIFT - step + height, SHIFT - step: SHIFT - step + width]
+    return inputs
+
+
+def autocast_for(condition: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=condition == "bf16")
+
+
+@torch.no_grad()
+def score_maps(model, inputs: torch.Tensor, condition: str) -> torch.Tensor:
+    """``B×1×H×W`` unsmoothed score maps of pre-processed ``inputs`` (the backbone in bf16 for ``"bf16"``)."""
+    with autocast_for(condition):
+        return model.model.scorer.score_map(model.model.likelihood_maps(inputs), inputs.shape[-2:]).float()
+
+
+def variant_statistics(train_maps: torch.Tensor) -> dict[str, PositionStatistics | None]:
+    statistics = {}
+    for name, setting in VARIANTS.items():
+        if setting is None:
+            statistics[name] = None
+            continue
+        fitted = PositionStatistics()
+        fitted.fit(train_maps.split(16), shrink=setting[0], jitter=setting[1])
+        statistics[name] = fitted
+    return statistics
+
+
+@torch.no_grad()
+def variant_scores(model, maps: torch.Tensor, statistics: dict) -> dict[str, torch.Tensor]:
+    scorer = model.model.scorer
+    scores = {}
+    for name, fitted in statistics.items():
+        standardised = maps if fitted is None else fitted.standardise(maps)
+        scores[name] = scorer._resample.blur(standardised, scorer.score_blur_sigma).flatten(1).amax(dim=1)
+    return scores
+
+
+def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    flagged = scores > threshold
+    normal, defective = labels == 0, labels == 1
+    true_positive = int((flagged & defective).sum())
+    precision = true_positive / max(int(flagged.sum()), 1)
+    recall = true_positive / max(int(defective.sum()), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": round(f1, 4), "false_alarm_rate": round(float(flagged[normal].mean()), 4) if normal.any() else None,
+            "flagged_defects": f"{true_positive}/{int(defective.sum())}",
+            "flagged_normals": f"{int((flagged & normal).sum())}/{int(normal.sum())}"}
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return round(float(binary_auroc(torch.as_tensor(scores), torch.as_tensor(labels))), 4)
+
+
+def validation_images(data) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+    """(normal validation images the thresholds see, unseen held-out normal images, their paths)."""
+    seen = {str(p) for p, label in zip(data.val_data.samples.image_path, data.val_data.samples.label_index,
+                                      strict=True) if int(label) == 0}
+    held_out = sorted(str(p) for p in data.val_data.source_samples.image_path)
+    unseen = [p for p in held_out if p not in seen]
+    return ([read_image(p, as_tensor=True) for p in sorted(seen)], [read_image(p, as_tensor=True) for p in unseen],
+            unseen)
+
+
+def with_local_defects(normals: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for index, image in enumerate(normals):
+        images.append(image)
+        labels.append(0)
+        for kind in KINDS:
+            images.append(add_local_defect(image, normals[(index + 1) % len(normals)], rng, kind)[0])
+            labels.append(1)
+    return images, np.asarray(labels)
+
+
+def batched(images: list[torch.Tensor], size: int = 8):
+    for start in range(0, len(images), size):
+        yield torch.stack(images[start:start + size])
+
+
+def validation_study(model, data) -> dict:
+    """Every score variant, clean and drifted, on unseen normals + local defects, thresholds as shipped."""
+    pre = model.pre_processor
+    train_maps = torch.cat([score_maps(model, pre(batch.image), "clean") for batch in data.train_dataloader()])
+    statistics = variant_statistics(train_maps)
+    del train_maps
+    seen, unseen, _ = validation_images(data)
+    seen_scores = {k: v.numpy() for k, v in _scores(model, seen, "clean", statistics).items()}
+    synthetic = [item.image for item in data.val_data if int(item.gt_label) == 1]
+    synthetic_scores = {k: v.numpy() for k, v in _scores(model, synthetic, "clean", statistics).items()}
+    images, labels = with_local_defects(unseen)
+    result = {"images": {"threshold_normals": len(seen), "synthetic": len(synthetic), "unseen_normals": len(unseen),
+                         "local_defects": int(labels.sum())}, "variants": {}}
+    per_condition = {condition: {k: v.numpy() for k, v in _scores(model, images, condition, statistics).items()}
+                     for condition in CONDITIONS}
+    for name in VARIANTS:
+        threshold = level_threshold_report("image", torch.as_tensor(seen_scores[name]), None, DEFAULT_IMAGE_FPR,
+                                           None, len(seen))["raw_threshold"]
+        f1_threshold = _f1_optimal(np.concatenate([seen_scores[name], synthetic_scores[name]]),
+                                   np.r_[np.zeros(len(seen)), np.ones(len(synthetic))])
+        rows = {}
+        for condition in CONDITIONS:
+            scores = per_condition[condition][name]
+            rows[condition] = {"auroc": auroc(scores, labels), "fpr_rule": decisions(scores, labels, threshold),
+                               "f1_rule": decisions(scores, labels, f1_threshold)}
+        result["variants"][name] = rows
+    return result
+
+
+def _scores(model, images: list[torch.Tensor], condition: str, statistics: dict) -> dict[str, torch.Tensor]:
+    parts = [variant_scores(model, score_maps(model, drifted(batch, condition, model.pre_processor), condition),
+                            statistics) for batch in batched(images)]
+    return {name: torch.cat([part[name] for part in parts]) for name in statistics}
+
+
+def _f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
+    best, best_f1 = float(scores.max()), -1.0
+    for threshold in np.unique(scores):
+        flagged = scores >= threshold
+        tp = (flagged & (labels == 1)).sum()
+        f1 = 2 * tp / (flagged.sum() + (labels == 1).sum())
+        if f1 > best_f1:
+            best, best_f1 = float(threshold) - 1e-9, f1
+    return best
+
+
+@torch.no_grad()
+def test_readout(model, data, ours: bool) -> dict:
+    """The shipped model through its own post-processor on the test split, clean and drifted."""
+    dataset = data.test_data
+    items = [dataset[i] for i in range(len(dataset))]
+    labels = np.asarray([int(item.gt_label) for item in items])
+    masks = torch.stack([item.gt_mask.bool().reshape(item.image.shape[-2:]) if item.gt_mask is not None
+                         else torch.zeros(item.image.shape[-2:], dtype=torch.bool) for item in items])
+    post = model.post_processor
+    result = {}
+    for condition in CONDITIONS if ours else CONDITIONS[:-1]:
+        raw, outputs = [], []
+        for start in range(0, len(items), 8):
+            images = torch.stack([item.image for item in items[start:start + 8]])
+            inputs = drifted(images, condition, model.pre_processor)
+            with autocast_for(condition):
+                prediction = model.model(inputs)
+            raw.append(prediction.pred_score.float())
+            processed = post(prediction)
+            outputs.append((processed.pred_score.float(), processed.pred_label, processed.pred_mask, images.shape))
+        raw_scores = torch.cat(raw).numpy()
+        labels_at_threshold = torch.cat([o[1].reshape(-1) for o in outputs]).numpy().astype(bool)
+        normalised = torch.cat([o[0].reshape(-1) for o in outputs]).numpy()
+        row = {"image_auroc": auroc(raw_scores, labels),
+               **decisions(normalised, labels, 0.5),
+               "median_score_normal": round(float(np.median(normalised[labels == 0])), 3),
+               "median_score_defective": round(float(np.median(normalised[labels == 1])), 3)}
+        assert (labels_at_threshold == (normalised > 0.5)).all()
+        if condition == "clean":
+            predicted = torch.cat([F.interpolate(o[2].reshape(len(o[2]), 1, *o[2].shape[-2:]).float(),
+                                                 size=o[3][-2:], mode="nearest")[:, 0] for o in outputs]).bool()
+            true_positive = int((predicted & masks).sum())
+            pixel_f1 = 2 * true_positive / max(int(predicted.sum()) + int(masks.sum()), 1)
+            row.update(pixel_f1=round(pixel_f1, 4),
+                       normal_images_with_mask=round(float(predicted[labels == 0].flatten(1).any(1).float().mean()),
+                                                     4),
+                       threshold_report={k: v for k, v in getattr(post, "threshold_report", {}).items()})
+        result[condition] = row
+    return result
+
+
+def trained(row: str, category: str, max_minutes: float, batch_size: int):
+    seed_everything(0, workers=True)
+    config, init = ROWS[row]
+    if config is not None:
+        loaded = yaml.safe_load((REPO / config).read_text())
+        name = loaded["model"]["class_path"].rsplit(".", 1)[-1]
+        init, epochs = dict(loaded["model"]["init_args"]), int(loaded["trainer"]["max_epochs"])
+    else:
+        name, epochs = "anomalib.Cflow", ANOMALIB_EPOCHS
+    model = build_model(name, init, default_input_side(name), keep_anomalib_post_processor=config is None)
+    data = validation_split_datamodule(category, batch_size)
+    engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes})
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=data)
+    info = {"epochs_run": engine.trainer.current_epoch, "epochs": epochs,
+            "train_seconds": round(time.perf_counter() - start, 1)}
+    data.setup("test")
+    return model.eval(), data, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--categories", nargs="+", default=["bottle", "tire", "generated"])
+    parser.add_argument("--max-minutes", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decisions")
+    args = parser.parse_args()
+    path = args.out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    results["machine"] = cpu_model()
+    for category in args.categories:
+        for row in args.rows:
+            print(f"== {row} on {category}", flush=True)
+            model, data, info = trained(row, category, args.max_minutes, args.batch_size)
+            ours = not row.startswith("anomalib")
+            record = {"row": row, "category": category, **info,
+                      "command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:]),
+                      "test": test_readout(model, data, ours)}
+            if ours:
+                record["validation"] = validation_study(model, data)
+            results["rows"] = [r for r in results["rows"] if (r["row"], r["category"]) != (row, category)] + [record]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1) + "\n")
+            print(json.dumps(record["test"]["clean"], indent=None)[:600], flush=True)
+
+
+if __name__ == "__main__":
+    main()

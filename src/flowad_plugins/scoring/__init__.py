@@ -1,0 +1,25 @@
+"""Likelihood → anomaly map and image score, with statistics of normal training data (shared by the three models).
+
+``likelihood`` (the log-likelihood per dimension), ``resampling`` (upsampling and smoothing as matrix products),
+``statistics`` (normal-data statistics and when a fit writes them), ``scorer`` (``AnomalyScorer``).
+"""
+
+from .likelihood import gaussian_log_likelihood
+from .scorer import AnomalyScorer
+from .statistics import (
+    LikelihoodStatistics,
+    NormalStatisticsLifeCycle,
+    PositionStatistics,
+    fit_position_statistics,
+    is_last_validation_of_fit,
+)
+
+__all__ = [
+    "AnomalyScorer",
+    "LikelihoodStatistics",
+    "NormalStatisticsLifeCycle",
+    "PositionStatistics",
+    "fit_position_statistics",
+    "gaussian_log_likelihood",
+    "is_last_validation_of_fit",
+]
