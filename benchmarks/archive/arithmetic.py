@@ -7,7 +7,7 @@ inherits another's allocator state), the achieved rate (G multiply-adds/s) and t
 Also the rate of one large float32 product (1024³ ``torch.mm``), the CPU's practical peak for dense matrix work.
 Results: ``benchmarks/results/arithmetic.{json,md}``.
 
-    python benchmarks/experiments/arithmetic.py
+    python benchmarks/archive/arithmetic.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness
 from harness.machine import cpu_model as cpu_name
 from harness.models import build_benchmark_model, pair_of
-from harness.timing import wall_times
+from harness.timing import interleaved_wall_times, median_latencies_ms, median_ms
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PAIRS = ("cflow", "fastflow", "csflow")
@@ -49,18 +48,18 @@ def multiply_adds(model: torch.nn.Module, images: torch.Tensor) -> int:
 def timed_forward(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> dict:
     """Median seconds per ``model(images)`` call and the minor page faults per call."""
     with torch.inference_mode():
-        wall_times(lambda: model(images), warmup=3, min_repeats=0)
+        interleaved_wall_times([lambda: model(images)], warmup=3, repeats=0)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        times = wall_times(lambda: model(images), warmup=0, min_repeats=repeats)
+        (times,) = interleaved_wall_times([lambda: model(images)], warmup=0, repeats=repeats)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    return {"median_s": statistics.median(times), "minor_faults_per_call": round(faults / repeats, 1)}
+    return {"median_s": median_ms(times) / 1e3, "minor_faults_per_call": round(faults / repeats, 1)}
 
 
 def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
     """G multiply-adds/s of a ``size``³ float32 ``torch.mm`` (median of ``repeats``)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    times = wall_times(lambda: torch.mm(a, b), warmup=3, min_repeats=repeats)
-    return size**3 / statistics.median(times) / 1e9
+    (latency,) = median_latencies_ms([lambda: torch.mm(a, b)], warmup=3, repeats=repeats)
+    return size**3 / latency / 1e6
 
 
 def measure_cell(pair: str, side: str, image_size: int, repeats: int) -> dict:
@@ -90,10 +89,10 @@ def linear_rates(shapes: tuple[tuple[int, int, int], ...], repeats: int = 50) ->
     rates = []
     for rows, inputs, outputs in shapes:
         x, weight, bias = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(outputs)
-        times = wall_times(lambda: torch.nn.functional.linear(x, weight, bias), warmup=3,  # noqa: B023
-                           min_repeats=repeats)
+        (latency,) = median_latencies_ms([lambda: torch.nn.functional.linear(x, weight, bias)],  # noqa: B023
+                                         warmup=3, repeats=repeats)
         rates.append({"shape": [rows, inputs, outputs],
-                      "g_multiply_adds_per_s": round(rows * inputs * outputs / statistics.median(times) / 1e9, 1)})
+                      "g_multiply_adds_per_s": round(rows * inputs * outputs / latency / 1e6, 1)})
     return rates
 
 
@@ -116,7 +115,7 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     result = {
-        "command": "python benchmarks/experiments/arithmetic.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/archive/arithmetic.py " + " ".join(sys.argv[1:]),
         "image_size": args.image_size,
         "batch_size": 1,
         "matmul_1024_g_multiply_adds_per_s": round(matmul_rate(), 1),

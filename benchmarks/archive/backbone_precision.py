@@ -7,7 +7,7 @@ variant is compiled with no configuration in a fresh process (``default_precisio
 torch FP32: the largest and median |Δscore| on normal training images (no labels needed), Δ image / pixel AUROC on
 the test set, and the batch-1 latency (interleaved, one process).
 
-    OMP_NUM_THREADS=2 python benchmarks/backbone_precision.py --ckpt cflow_ad_bottle.ckpt --model CflowAD \
+    OMP_NUM_THREADS=2 python benchmarks/archive/backbone_precision.py --ckpt cflow_ad_bottle.ckpt --model CflowAD \
         --prefixes 0 1 3 6 9 15 all --out benchmarks/results/backbone_precision
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +23,12 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness and the scripts
 from default_precision import unmarked_copy
 from export_parity import batched, evaluate, load_test_set
 from harness.machine import cpu_model, isa_flags
-from harness.timing import interleaved_wall_times
+from harness.timing import interleaved_wall_times, median_ms
 from torchvision.transforms.v2 import functional as TF
 
 import flowad_plugins
@@ -123,11 +124,11 @@ def main() -> None:
             request = core.compile_model(xml, "CPU", {"INFERENCE_NUM_THREADS": "2"}).create_infer_request()
             calls.append(lambda request=request: request.infer({0: first_image}))
         for row, times in zip(rows, interleaved_wall_times(calls, warmup=3, repeats=30), strict=True):
-            row["latency_ms_b1"] = round(1000 * statistics.median(times), 2)
+            row["latency_ms_b1"] = round(median_ms(times), 2)
     result = {"model": args.model, "checkpoint": Path(args.ckpt).name, "category": args.category,
               "backbone_convolutions": max(conv_index.values()) + 1, "machine": {"cpu": cpu_model(),
                                                                                  "isa_flags": isa_flags()},
-              "command": f"python benchmarks/backbone_precision.py --ckpt {Path(args.ckpt).name} --model "
+              "command": f"python benchmarks/archive/backbone_precision.py --ckpt {Path(args.ckpt).name} --model "
                          f"{args.model} --prefixes {' '.join(args.prefixes)}", "rows": rows}
     flags = ", ".join(flag for flag, present in result["machine"]["isa_flags"].items() if present)
     lines = [f"# {args.model}: how much of the backbone must stay float32 at the CPU's default precision", "",

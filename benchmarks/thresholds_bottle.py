@@ -7,7 +7,7 @@ model and the same validation predictions, also compute anomalib's default ``Pos
 the false-alarm rate on test/good and the recall on defective test images (image level), and the pixel
 false-alarm rate on test/good pixels and the recall of defect pixels (pixel level). Nothing is chosen on test.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/experiments/thresholds_bottle.py
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/thresholds_bottle.py
 """
 
 from __future__ import annotations
@@ -20,22 +20,21 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import seed_everything
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from evaluate import cpu_name  # noqa: E402
+from harness.machine import machine_info  # noqa: E402
+from harness.models import SHIPPED_CONFIGS, shipped_config  # noqa: E402
 
 import flowad_plugins  # noqa: E402
 from flowad_plugins.post_processing import FlowPostProcessor  # noqa: E402
 
-CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
-           "CSFlow": "csflow_efficientnet_lite0.yaml"}
+CONFIGS = SHIPPED_CONFIGS
 DEFAULT_EPOCHS = {"CflowAD": 3, "FastFlow": 10, "CSFlow": 4}
 BATCH_SIZE = {"CflowAD": 16, "FastFlow": 16, "CSFlow": 8}
 
@@ -105,7 +104,7 @@ def rates_at(test: dict[str, torch.Tensor], image_threshold: float, pixel_thresh
 
 def run_model(name: str, args: argparse.Namespace) -> dict:
     seed_everything(args.seed, workers=True)
-    init = yaml.safe_load((REPO / "configs" / CONFIGS[name]).read_text())["model"]["init_args"]
+    init = shipped_config(name)["model"]["init_args"]
     post_processor = FlowPostProcessor(image_fpr=args.image_fpr, pixel_fpr=args.pixel_fpr)
     model = getattr(flowad_plugins, name)(**init, post_processor=post_processor)
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=BATCH_SIZE[name],
@@ -218,8 +217,8 @@ def main() -> None:
         "pixel_fpr": args.pixel_fpr,
         "seed": args.seed,
         "models": rows,
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "command": "python benchmarks/experiments/thresholds_bottle.py " + " ".join(sys.argv[1:]),
+        "machine": {**machine_info(torch.get_num_threads()), "torch": torch.__version__},
+        "command": "python benchmarks/thresholds_bottle.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

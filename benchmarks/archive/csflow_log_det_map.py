@@ -9,7 +9,7 @@ smoothed with the model's ``blur_sigma``; the image score standardises that map 
 does) and takes the maximum after the model's ``score_blur_sigma``. Validation: the held-out normal images and
 their local defects (``local_defect_validation.local_defect_batches``); the test split is never read.
 
-    python benchmarks/experiments/csflow_log_det_map.py --checkpoints DIR \
+    python benchmarks/archive/csflow_log_det_map.py --checkpoints DIR \
         --out benchmarks/results/csflow_log_det_map.json
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
     for row in rows:
         print(row["category"], {kind: row[kind] for kind in MAPS})
     shown = ["DIR" if a == str(args.checkpoints) else a for a in sys.argv[1:]]  # a local folder: not in the result
-    command = shlex.join(["python", "benchmarks/experiments/csflow_log_det_map.py", *shown])
+    command = shlex.join(["python", "benchmarks/archive/csflow_log_det_map.py", *shown])
     args.out.write_text(json.dumps({"machine": cpu_model(), "command": command, "rows": rows}, indent=1) + "\n")
 
 

@@ -12,7 +12,7 @@ memory after the imports, after building the model, and the process's peak (``Vm
   (CflowAD: one fiber batch of ``fiber_batch_size`` fibers per layer, which is what bounds its training memory
   whatever the image size).
 
-    python benchmarks/experiments/large_images.py
+    python benchmarks/large_images.py
 
 Writes ``benchmarks/results/large_images_cpu.{json,md}``.
 """
@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SIZES = {"1024x1024": (1024, 1024), "1280x960": (960, 1280)}  # name (W×H) → tensor (H, W)
 MODELS = ("CflowAD", "FastFlow", "CSFlow")
@@ -155,11 +154,10 @@ def main() -> None:
         tqdm.write(json.dumps(result))
 
     import torch
-    from evaluate import cpu_name
+    from harness.machine import machine_info
 
-    machine = {"cpu": cpu_name(), "threads": int(env["OMP_NUM_THREADS"]), "torch": torch.__version__,
-               "python": platform.python_version(), "load_average_1min": round(os.getloadavg()[0], 2)}
-    command = "python benchmarks/experiments/large_images.py " + " ".join(sys.argv[1:])
+    machine = {**machine_info(int(env["OMP_NUM_THREADS"])), "torch": torch.__version__}
+    command = "python benchmarks/large_images.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "large_images_cpu.json").write_text(json.dumps({"machine": machine, "command": command,
                                                                "results": results}, indent=1) + "\n")
@@ -186,5 +184,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness, evaluate
     main()

@@ -5,7 +5,7 @@ no-leakage protocol), one after another; run it on an otherwise idle machine so 
 other heavy jobs. Under ``bf16-mixed`` only the frozen backbone runs in bf16; flows, log-dets,
 likelihoods and scores stay float32 (``flowad_plugins.precision``).
 
-    python benchmarks/experiments/mixed_precision.py --models CflowAD FastFlow CSFlow
+    python benchmarks/mixed_precision.py --models CflowAD FastFlow CSFlow
 
 Writes ``benchmarks/results/bf16_<model>_<precision>.json`` (evaluate.py's output) and the comparison
 ``benchmarks/results/bf16_summary.{json,md}``.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # The repository's offline settings (configs/*_efficientnet_lite0.yaml), shortened schedules.
 RECIPES: dict[str, dict] = {
@@ -92,7 +92,7 @@ def main() -> None:
 
     runs: dict[str, dict[str, dict]] = {}
     pairs = [(model, precision) for model in args.models for precision in PRECISIONS]
-    command = "python benchmarks/experiments/mixed_precision.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/mixed_precision.py " + " ".join(sys.argv[1:])
     for model, precision in tqdm(pairs, desc="evaluate.py runs", unit="run"):
         start = time.perf_counter()
         runs.setdefault(model, {})[precision] = run_one(model, precision, args.root)
@@ -104,11 +104,12 @@ def main() -> None:
 def write_summary(runs: dict[str, dict[str, dict]], command: str) -> None:
     """``bf16_summary.{json,md}`` for the models whose both runs are done (rewritten after each model)."""
     import torch
-    from evaluate import cpu_name  # same machine description as evaluate.py
+    from harness.machine import machine_info
 
     summary, table = summarise(runs)
-    machine = {"cpu": cpu_name(), "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-               "torch": torch.__version__, "cpu_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text()}
+    threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
+    machine = {**machine_info(threads), "torch": torch.__version__,
+               "cpu_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text()}
     (RESULTS / "bf16_summary.json").write_text(json.dumps({"machine": machine, "command": command,
                                                            "models": summary}, indent=1) + "\n")
     markdown = (
@@ -124,5 +125,5 @@ def write_summary(runs: dict[str, dict[str, dict]], command: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness, evaluate, export_parity
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness, evaluate
     main()

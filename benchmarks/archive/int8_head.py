@@ -9,7 +9,7 @@ no configuration (each in a fresh process) against torch FP32 on the test set. L
 A micro-benchmark of six stacked convolutions (1×1 and 3×3, float32 hint / default / INT8) shows what INT8 gains on
 this CPU where nothing else is in the way.
 
-    OMP_NUM_THREADS=2 python benchmarks/int8_head.py --ckpt CflowAD=cflow.ckpt FastFlow=fastflow.ckpt \
+    OMP_NUM_THREADS=2 python benchmarks/archive/int8_head.py --ckpt CflowAD=cflow.ckpt FastFlow=fastflow.ckpt \
         CSFlow=csflow.ckpt --out benchmarks/results/int8_head
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +25,12 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness and the scripts
 from backbone_precision import normal_images, outputs
 from export_parity import batched, evaluate, load_test_set
 from harness.machine import cpu_model, isa_flags
-from harness.timing import interleaved_wall_times
+from harness.timing import interleaved_wall_times, median_ms
 
 import flowad_plugins
 from flowad_plugins.export.onnx_graph import flow_head_names
@@ -72,7 +73,7 @@ def latencies(xmls: list[Path], image: torch.Tensor, repeats: int) -> list[dict[
             request = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": "2"}).create_infer_request()
             calls.append(lambda request=request, images=images: request.infer({0: images}))
         for row, times in zip(result, interleaved_wall_times(calls, warmup=3, repeats=repeats), strict=True):
-            row[f"ms_b{batch}"] = round(1000 * statistics.median(times), 2)
+            row[f"ms_b{batch}"] = round(median_ms(times), 2)
     return result
 
 
@@ -95,7 +96,7 @@ def convolution_speeds(repeats: int) -> list[dict[str, float]]:
         for graph, config in ((model, {"INFERENCE_PRECISION_HINT": "f32"}), (model, {}), (quantized, {})):
             request = core.compile_model(graph, "CPU", {**config, "INFERENCE_NUM_THREADS": "2"}).create_infer_request()
             calls.append(lambda request=request, x=x: request.infer({0: x}))
-        f32, default, int8 = (1000 * statistics.median(t) for t in interleaved_wall_times(calls, 5, repeats))
+        f32, default, int8 = (median_ms(t) for t in interleaved_wall_times(calls, 5, repeats))
         rows.append({"kernel": kernel, "channels": channels, "side": side, "ms_f32": round(f32, 3),
                      "ms_default": round(default, 3), "ms_int8": round(int8, 3)})
         print(json.dumps(rows[-1]), flush=True)
@@ -170,7 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int8_head"))
     args = parser.parse_args()
-    command = "python benchmarks/int8_head.py --ckpt " + " ".join(
+    command = "python benchmarks/archive/int8_head.py --ckpt " + " ".join(
         f"{spec.split('=', 1)[0]}={Path(spec.split('=', 1)[1]).name}" for spec in args.ckpt)
     result = {"command": command, "machine": {"cpu": cpu_model(), "isa_flags": isa_flags()},
               "convolutions": convolution_speeds(args.repeats), "models": []}

@@ -6,7 +6,7 @@ only of normal *training* images, every other one given a synthetic anomaly by a
 (``flowad_plugins.export.compress_flow_weights``, what ships). The bottle test AUROCs are printed next to it for the
 record; the choice was made on the validation column.
 
-    python benchmarks/experiments/int8_weights_selection.py CflowAD=path.ckpt FastFlow=path.ckpt CSFlow=path.ckpt \\
+    python benchmarks/archive/int8_weights_selection.py CflowAD=path.ckpt FastFlow=path.ckpt CSFlow=path.ckpt \\
         --out benchmarks/results/int8_weights_selection
 """
 
@@ -100,7 +100,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     result = {"rows": rows, "machine": {"cpu": cpu_model(), "threads": 2},
-              "command": "python benchmarks/experiments/int8_weights_selection.py " + " ".join(sys.argv[1:])}
+              "command": "python benchmarks/archive/int8_weights_selection.py " + " ".join(sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = ["# INT8 weight compression: which weights (chosen on synthetic validation)", "",

@@ -6,7 +6,7 @@ validation metrics for each map blur. Validation = 20 % of train/good + anomalib
 (as in ``evaluate.py``). The setting with the best ``val_pixel_AUPRO`` (tie: ``val_pixel_AUROC``) is chosen
 by that fixed rule; ``--test`` then runs the test set once, for the chosen setting only.
 
-    python benchmarks/experiments/fastflow_log_det.py --epochs 10 --blur 0 4 8 \
+    python benchmarks/archive/fastflow_log_det.py --epochs 10 --blur 0 4 8 \
         --init backbone=efficientnet_lite0 --out benchmarks/results/bottle_fastflow_log_det.json
 """
 

@@ -9,7 +9,8 @@ records the op count of the IR, the median latency and the runtime precision of 
 Run it once on the code to compare against (``PYTHONPATH=<other checkout>/src``) with ``--label before`` and once
 with ``--label after``; both land in one JSON and the markdown table shows them side by side:
 
-    OMP_NUM_THREADS=2 python benchmarks/openvino_profile.py --label after --out benchmarks/results/openvino_profile
+    OMP_NUM_THREADS=2 python benchmarks/archive/openvino_profile.py --label after \
+        --out benchmarks/results/openvino_profile
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # benchmarks/: harness
 from harness.machine import machine_info
+from harness.timing import interleaved_wall_times, median_ms
 
 SIZE = 256
 
@@ -65,16 +65,15 @@ def profile(xml: Path, repeats: int, threads: int) -> dict:
     by_type: collections.Counter = collections.Counter()
     latencies = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        request.infer({0: images})
-        latencies.append(time.perf_counter() - start)
+        (seconds,) = interleaved_wall_times([lambda: request.infer({0: images})], warmup=0, repeats=1)
+        latencies += seconds
         for info in request.profiling_info:
             by_type[info.node_type] += info.real_time.total_seconds() * 1e3 / repeats
     runtime = compiled.get_runtime_model()
     precisions = collections.Counter(
         f"{op.get_rt_info()['layerType'].astype(str)}:{op.get_rt_info()['runtimePrecision'].astype(str)}"
         for op in runtime.get_ops())
-    return {"median_ms": 1e3 * statistics.median(latencies), "ir_ops": len(core.read_model(xml).get_ops()),
+    return {"median_ms": median_ms(latencies), "ir_ops": len(core.read_model(xml).get_ops()),
             "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "ms_by_type": dict(by_type.most_common()), "runtime_precisions": dict(precisions)}
 

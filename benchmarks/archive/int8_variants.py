@@ -4,7 +4,7 @@ Variants of ``export.quantize_backbone_on_normal_images`` (normal training image
 post-processor stay float), each run with the OpenVINO f32 hint: as shipped; depthwise convolutions
 (OpenVINO ``GroupConvolution``) kept float too; nncf's MIXED preset (asymmetric activations); both.
 
-    python benchmarks/experiments/int8_variants.py CflowAD path/to/model.ckpt 256
+    python benchmarks/archive/int8_variants.py CflowAD path/to/model.ckpt 256
 """
 
 import json
