@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -27,10 +26,9 @@ import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from export_parity import batched, evaluate, load_test_set
-from harness.machine import cpu_model, isa_flags
-from harness.timing import interleaved_wall_times
-
-import flowad_plugins
+from harness.machine import machine_info
+from harness.models import load_checkpoint
+from harness.timing import interleaved_wall_times, median_ms
 
 TOLERANCE = 0.005  # |Δ image AUROC| and |Δ pixel AUROC| against torch FP32
 VARIANTS = (("marked", "default"), ("marked", "f32"), ("unmarked", "default"))
@@ -82,12 +80,12 @@ def latencies_ms(xmls: dict[str, Path], images: torch.Tensor, threads: int, repe
             calls.append(lambda request=request, x=x: request.infer({0: x}))
             names.append(f"{variant}/{hint}")
         for name, times in zip(names, interleaved_wall_times(calls, repeats=repeats, warmup=3), strict=True):
-            result.setdefault(name, {})[f"latency_ms_b{batch}"] = round(1000 * statistics.median(times), 2)
+            result.setdefault(name, {})[f"latency_ms_b{batch}"] = round(median_ms(times), 2)
     return result
 
 
 def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
-    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False)
+    model = load_checkpoint(name, checkpoint, weights_only=False)
     model = model.eval()
     size = int(model.pre_processor.transform.transforms[0].size[0]) if args.image_size is None else args.image_size
     images, masks, labels = load_test_set(MVTecAD(root=args.root, category=args.category), size)
@@ -184,8 +182,7 @@ def main() -> None:
     command = "python benchmarks/default_precision.py " + " ".join(
         f"--ckpt {' '.join(f'{k}={Path(v).name}' for k, v in (c.split('=', 1) for c in args.ckpt))}".split())
     result = {"category": args.category, "command": command, "note": args.note,
-              "machine": {"cpu": cpu_model(), "isa_flags": isa_flags(), "threads": args.threads,
-                          "openvino": openvino.__version__},
+              "machine": {**machine_info(args.threads), "openvino": openvino.__version__},
               "models": [run_model(*spec.split("=", 1), args) for spec in args.ckpt]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.exports import export_backbone, multiply_adds_per_image
 from harness.machine import machine_info
 from harness.models import backbone_of, build_benchmark_model, build_model, pair_of
-from harness.timing import interleaved_wall_times
+from harness.timing import interleaved_wall_times, median_ms
 from rich.progress import track
 
 STOCK_CSFLOW = {"backbone": "efficientnet_b5", "layer": "blocks.5"}  # anomalib's Csflow: B5, width 1024 (its default)
@@ -112,7 +111,7 @@ def time_pair(xmls: dict[str, Path], size: int, threads: int, repeats: int, batc
             labels.append(label)
         times = interleaved_wall_times(calls, warmup=3, repeats=repeats)
         result[f"b{batch}"] = {label: None for label in GRAPHS}
-        result[f"b{batch}"].update({label: round(1000 * statistics.median(t), 3) for label, t in zip(labels, times,
+        result[f"b{batch}"].update({label: round(median_ms(t), 3) for label, t in zip(labels, times,
                                                                                                   strict=True)})
     return result
 

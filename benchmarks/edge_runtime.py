@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: harness
+from harness.machine import machine_info
+from harness.timing import interleaved_wall_times, median_ms
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -84,22 +85,13 @@ def du_bytes(path: Path) -> int:
     return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
 
 
-def timed(command: list[str]) -> float:
-    """Wall seconds of ``command`` run in a new empty working directory (fails loudly on a non-zero exit)."""
+def run_in_empty_folder(command: list[str]) -> None:
+    """Run ``command`` in a new empty working directory (no model cache); fail loudly on a non-zero exit."""
     with tempfile.TemporaryDirectory() as cwd:
-        start = time.perf_counter()
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
-        elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed:\n{result.stderr[-3000:]}")
-    return elapsed
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def rewrite_report(json_path: Path) -> None:
@@ -128,14 +120,11 @@ def main() -> None:
         sizes = {entry.name: du_bytes(entry) for entry in runtime_site.iterdir()}
         edge_command = [str(python.with_name("flowad-predict")), str(ir_path), str(image), "--out", "results"]
         anomalib_command = [sys.executable, "-c", INFERENCER_CODE, str(ir_path), str(image)]
-        times: dict[str, list[float]] = {"flowad-predict": [], "OpenVINOInferencer": []}
-        for repeat in range(args.repeats):
-            order = [("flowad-predict", edge_command), ("OpenVINOInferencer", anomalib_command)]
-            for name, command in order if repeat % 2 == 0 else order[::-1]:
-                times[name].append(timed(command))
+        commands = {"flowad-predict": edge_command, "OpenVINOInferencer": anomalib_command}
+        calls = [lambda command=command: run_in_empty_folder(command) for command in commands.values()]
+        times = dict(zip(commands, interleaved_wall_times(calls, warmup=0, repeats=args.repeats), strict=True))
         record = {
-            "cpu": cpu_model(), "cores_visible": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0],
-            "python": platform.python_version(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            **machine_info(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)),
             "versions": {name: version(name) for name in (*RUNTIME_PACKAGES, "anomalib", "torch")},
             "model": "CflowAD efficientnet_lite0 [blocks.2, blocks.4], 4 coupling blocks, condition 64, "
                      f"{args.size}x{args.size} FP32 IR" if args.model is None else str(args.model),
@@ -147,7 +136,7 @@ def main() -> None:
             "cold_start_commands": {"flowad-predict": "flowad-predict model.xml image.png --out results",
                                     "OpenVINOInferencer": f"python -c \"{INFERENCER_CODE}\" model.xml image.png"},
             "cold_start_seconds": times,
-            "cold_start_median_seconds": {name: statistics.median(values) for name, values in times.items()},
+            "cold_start_median_seconds": {name: median_ms(values) / 1e3 for name, values in times.items()},
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")

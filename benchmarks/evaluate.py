@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,9 @@ import torch
 import yaml
 from anomalib.engine import Engine
 from harness.datasets import validation_split_datamodule
-from harness.machine import cpu_model as cpu_name
+from harness.machine import machine_info
 from harness.models import build_model, default_input_side
-from harness.timing import wall_times
+from harness.timing import median_latencies_ms
 from lightning.pytorch import seed_everything
 
 
@@ -58,10 +57,10 @@ def measure_throughput(model: torch.nn.Module, image_size: int, batch_size: int 
     model.eval()
     images = torch.randn(batch_size, 3, image_size, image_size)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16-mixed"):
-        times = wall_times(lambda: model(images), warmup=2, min_repeats=repeats, max_repeats=repeats)
-    median = statistics.median(times)
-    return {"batch_size": batch_size, "median_ms": round(1000 * median, 1),
-            "images_per_second": round(batch_size / median, 1), "load_average_1min": round(os.getloadavg()[0], 2)}
+        (latency,) = median_latencies_ms([lambda: model(images)], warmup=2, repeats=repeats)
+    return {"batch_size": batch_size, "median_ms": round(latency, 1),
+            "images_per_second": round(1000 * batch_size / latency, 1),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def save_defect_maps(model, datamodule, path: Path, per_defect: int = 2) -> None:
@@ -195,8 +194,7 @@ def main() -> None:
         **validation,
         "test_metrics": {k: round(float(v), 4) for k, v in metrics.items()},
         "torch_cpu_inference": measure_throughput(model.model, image_size, autocast=args.precision),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine_info(torch.get_num_threads()), "torch": torch.__version__},
         "command": "python benchmarks/evaluate.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=1))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,13 +35,13 @@ import numpy as np
 import torch
 from anomalib.data import MVTecAD
 from anomalib.deploy import CompressionType
-from harness.machine import cpu_model as cpu_name
-from harness.timing import wall_times
+from harness.machine import machine_info
+from harness.models import load_checkpoint
+from harness.timing import median_latencies_ms
 from rich.progress import track
 from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as TF
 
-import flowad_plugins
 from flowad_plugins.export import export_model, openvino_config, quantize_on_normal_images
 
 FP32_MAP_TOLERANCE = 1e-3
@@ -76,8 +75,8 @@ def batched(run, images: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]
 
 def latency_ms(run, image: torch.Tensor, repeats: int, warmup: int = 5) -> float:
     """Median wall time (ms) of ``run(image)`` over ``repeats`` calls after ``warmup``."""
-    times = wall_times(lambda: run(image), warmup=warmup, min_repeats=repeats, max_repeats=repeats)
-    return round(1000 * statistics.median(times), 2)
+    (latency,) = median_latencies_ms([lambda: run(image)], warmup=warmup, repeats=repeats)
+    return round(latency, 2)
 
 
 def evaluate(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None, masks: torch.Tensor,
@@ -142,7 +141,7 @@ def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
     import onnxruntime as ort
     import openvino as ov
 
-    model = getattr(flowad_plugins, name).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    model = load_checkpoint(name, checkpoint)
     datamodule = MVTecAD(root=args.root, category=args.category, train_batch_size=8, eval_batch_size=8,
                          num_workers=0, val_split_mode="synthetic", val_split_ratio=0.2, seed=args.seed)
     images, masks, labels = load_test_set(datamodule, args.image_size)
@@ -292,7 +291,7 @@ def main() -> None:
         "category": args.category,
         "image_size": args.image_size,
         "models": models,
-        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+        "machine": {**machine_info(args.threads), "torch": torch.__version__,
                     "openvino": ov.__version__.split("-")[0], "nncf": nncf.__version__,
                     "onnxruntime": onnxruntime.__version__,
                     "openvino_default_precision": str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))},

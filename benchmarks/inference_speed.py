@@ -15,13 +15,11 @@ import argparse
 import copy
 import json
 import os
-import platform
-import statistics
 from pathlib import Path
 
 import torch
-from harness.machine import cpu_model as cpu_name
-from harness.timing import interleaved_wall_times
+from harness.machine import machine_info
+from harness.timing import interleaved_wall_times, median_ms
 from rich.progress import track
 
 from flowad_plugins.inference_passes import images_per_pass
@@ -83,8 +81,7 @@ def main() -> None:
         with torch.inference_mode():
             calls = [lambda model=model, images=images: model(images) for model in (ours, ours_one_pass, theirs)]
             ours_times, one_pass_times, theirs_times = interleaved_wall_times(calls, args.warmup, args.repeats)
-        ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
-        one_pass_s = statistics.median(one_pass_times)
+        ours_s, one_pass_s, theirs_s = (median_ms(t) / 1e3 for t in (ours_times, one_pass_times, theirs_times))
         rows.append({"batch_size": batch_size, "ours_ms": round(1e3 * ours_s, 1),
                      "anomalib_ms": round(1e3 * theirs_s, 1), "ours_img_per_s": round(batch_size / ours_s, 1),
                      "anomalib_img_per_s": round(batch_size / theirs_s, 1), "speedup": round(theirs_s / ours_s, 2),
@@ -97,8 +94,8 @@ def main() -> None:
         "settings": settings,
         "image_size": args.image_size,
         "command": f"python benchmarks/inference_speed.py --pair {args.pair} --repeats {args.repeats}",
-        "machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {**machine_info(torch.get_num_threads()), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
         "rows": rows,
         "state_dict_files": sizes,
     }

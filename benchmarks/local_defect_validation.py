@@ -46,8 +46,8 @@ from torchmetrics.functional.classification import binary_auroc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.datasets import HELD_OUT
 from harness.machine import cpu_model
+from harness.models import shipped_config
 from select_image_score import (
-    CONFIGS,
     RESULTS,
     add_selection_arguments,
     analyse,
@@ -166,7 +166,7 @@ def prepared_model(name: str, category: str, init: dict, checkpoints: Path | Non
     seed_everything(0, workers=True)
     model, epochs = shipped_model(name)
     if init:
-        config = yaml.safe_load((RESULTS.parents[1] / "configs" / CONFIGS[name]).read_text())["model"]["init_args"]
+        config = shipped_config(name)["model"]["init_args"]
         model = type(model)(**{**{k: v for k, v in config.items() if k != "seed"}, **init})
     data = datamodule(category, batch_size, held_out)
     data.prepare_data()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 import yaml
 from anomalib.engine import Engine
 from harness.datasets import validation_split_datamodule
-from harness.machine import cpu_model
+from harness.machine import cpu_model, machine_info
+from harness.models import SHIPPED_CONFIGS, shipped_config, shipped_init
 from harness.report import metric_cell
 from lightning.pytorch import seed_everything
 from torch.nn import functional as F
@@ -48,8 +48,7 @@ from flowad_plugins.scoring import SeparableGaussianBlur
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
-           "CSFlow": "csflow_efficientnet_lite0.yaml"}
+CONFIGS = SHIPPED_CONFIGS
 CATEGORIES = ("bottle", "tire", "generated")
 BORDER_FRACTION = 1 / 16
 PIXEL_METRIC_SIZE = 256  # pixel AUROC on maps area-averaged to at most this side
@@ -63,9 +62,7 @@ def datamodule(category: str, batch_size: int, held_out: str = "random"):
 
 def shipped_model(name: str):
     """The model of ``configs/<name>``'s ``init_args``, and the config's epoch count."""
-    config = yaml.safe_load((REPO / "configs" / CONFIGS[name]).read_text())
-    init = {key: value for key, value in config["model"]["init_args"].items() if key != "seed"}
-    return getattr(flowad_plugins, name)(**init), int(config["trainer"]["max_epochs"])
+    return getattr(flowad_plugins, name)(**shipped_init(name)), int(shipped_config(name)["trainer"]["max_epochs"])
 
 
 def load_selection_checkpoint(model, checkpoint: Path) -> None:
@@ -339,8 +336,7 @@ def main() -> None:
             results.append(run(name, category, args.max_minutes, args.batch_size, args.save_checkpoints))
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps({"command": command, "machine": {
-                "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]}, "results": results}, indent=1))
+                **machine_info(torch.get_num_threads()), "torch": torch.__version__}, "results": results}, indent=1))
             args.out.with_suffix(".md").write_text(markdown(results, command))
     print(markdown(results, command))
 

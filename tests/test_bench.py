@@ -141,18 +141,32 @@ def test_percentile_interpolates() -> None:
     assert percentile([1.0, 2.0, 3.0], 0.95) == pytest.approx(2.9)
 
 
-def test_timing_loops_count_calls_and_interleave() -> None:
-    from harness.timing import interleaved_wall_times, wall_times
+def test_one_latency_definition_interleaves_rounds_and_reports_their_median() -> None:
+    from harness.timing import interleaved_wall_times, median_latencies_ms, median_ms
 
     calls: list[str] = []
-    times = wall_times(lambda: calls.append("x"), warmup=2, min_repeats=3, max_repeats=3, min_seconds=10.0)
+    (times,) = interleaved_wall_times([lambda: calls.append("x")], warmup=2, repeats=3, min_seconds=10.0,
+                                      max_repeats=3)
     assert len(times) == 3 and len(calls) == 5  # warm-up untimed; max_repeats caps the min_seconds wish
-    assert len(wall_times(lambda: None, warmup=0, min_repeats=4)) == 4
+    assert [len(t) for t in interleaved_wall_times([lambda: None], warmup=0, repeats=4)] == [4]
     order: list[str] = []
     per_call = interleaved_wall_times([lambda: order.append("a"), lambda: order.append("b")], warmup=1, repeats=2,
                                       before_round=lambda: order.append("|"))
     assert order == ["a", "b", "|", "a", "b", "|", "b", "a"]  # warm-up, then the order reverses every round
     assert [len(t) for t in per_call] == [2, 2] and all(t >= 0 for ts in per_call for t in ts)
+    assert median_ms([0.003, 0.001, 0.002]) == pytest.approx(2.0)
+    assert len(median_latencies_ms([lambda: None, lambda: None], warmup=0, repeats=3)) == 2
+    with pytest.raises(ValueError, match="calls"):
+        interleaved_wall_times([])
+
+
+def test_shipped_configs_and_checkpoint_loading_name_the_allowed_models() -> None:
+    from harness.models import SHIPPED_CONFIGS, load_checkpoint, shipped_init
+
+    assert set(SHIPPED_CONFIGS) == {"CflowAD", "FastFlow", "CSFlow"}
+    assert "seed" not in shipped_init("CSFlow") and shipped_init("CSFlow")["backbone"] == "efficientnet_lite0"
+    with pytest.raises(ValueError, match="CflowAD"):
+        load_checkpoint("Cflow", "missing.ckpt")
 
 
 def test_edge_rows_give_both_ratios_and_multiply_add_rates() -> None:

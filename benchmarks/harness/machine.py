@@ -94,7 +94,10 @@ def gpu_info() -> dict[str, Any] | None:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    """Everything needed to judge a figure: CPU, cores, RAM, GPU, OS, versions and the thread count used."""
+    """Everything needed to judge a figure: CPU, cores, RAM, GPU, OS, versions, load and the thread count used.
+
+    The one machine record of ``benchmarks/``: every result file stores it (scripts may add their own keys).
+    """
     return {
         "cpu": cpu_model(),
         "isa_flags": isa_flags(),
@@ -107,4 +110,5 @@ def machine_info(threads: int) -> dict[str, Any]:
         "threads": threads,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": package_versions(),
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
     }

@@ -16,6 +16,7 @@ Weights do not change the work done, so for speed every model may be built with 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ MODEL_SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               "efficientnet_lite0 [blocks.2, blocks.4], 2 blocks, condition 16"),
 )}
 FAMILIES = ("cflow", "fastflow", "csflow", "cflow-tiny")
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+# our classes and their shipped (offline) configs: what the accuracy table, exports and analyses run
+SHIPPED_CONFIGS = {"CflowAD": "cflow_ad_efficientnet_lite0.yaml", "FastFlow": "fastflow_efficientnet_lite0.yaml",
+                   "CSFlow": "csflow_efficientnet_lite0.yaml"}
 DEFAULT_MODELS = ["CflowAD", "anomalib.Cflow", "FastFlow", "anomalib.Fastflow", "CSFlow", "anomalib.Csflow"]
 
 
@@ -111,6 +116,34 @@ def build_model(name: str, init: dict[str, Any] | None = None, image_size: int =
     model_class = getattr(flowad_plugins, name)
     init.setdefault("pre_trained", real_weights)
     return model_class(**init, pre_processor=model_class.configure_pre_processor((image_size, image_size)))
+
+
+def _check_ours(name: str) -> None:
+    if name not in SHIPPED_CONFIGS:
+        msg = f"Unknown model name={name!r}; allowed: {list(SHIPPED_CONFIGS)}."
+        raise ValueError(msg)
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """The parsed ``configs/<name>_efficientnet_lite0.yaml`` of our class ``name`` (CflowAD, FastFlow or CSFlow)."""
+    import yaml
+
+    _check_ours(name)
+    return yaml.safe_load((CONFIGS_DIR / SHIPPED_CONFIGS[name]).read_text())
+
+
+def shipped_init(name: str) -> dict[str, Any]:
+    """The model ``init_args`` of our class ``name``'s shipped config (``seed`` left out: it seeds the run)."""
+    return {key: value for key, value in shipped_config(name)["model"]["init_args"].items() if key != "seed"}
+
+
+def load_checkpoint(name: str, path: str | Path, weights_only: bool = True) -> AnomalibModule:
+    """Our class ``name`` loaded from a Lightning checkpoint on the CPU, in eval mode."""
+    import flowad_plugins
+
+    _check_ours(name)
+    model_class = getattr(flowad_plugins, name)
+    return model_class.load_from_checkpoint(path, map_location="cpu", weights_only=weights_only).eval()
 
 
 def default_input_side(name: str) -> int:

@@ -30,7 +30,7 @@ if sys.path and Path(sys.path[0]).resolve() == HARNESS:
 if str(HARNESS.parent) not in sys.path:
     sys.path.append(str(HARNESS.parent))  # benchmarks/, for ``import harness``
 
-from harness.timing import wall_times  # noqa: E402
+from harness.timing import interleaved_wall_times, median_ms  # noqa: E402
 
 OPENVINO_BACKENDS = {
     # backend -> (exported file format, compile config beyond threads/streams)
@@ -190,10 +190,11 @@ def run_time(task: dict[str, Any]) -> dict[str, Any]:
     load_start = time.perf_counter()
     run_once, details = runner(task, images)
     load_seconds = time.perf_counter() - load_start
-    times = wall_times(run_once, task["warmup"], task["min_repeats"], task["max_repeats"], task["min_seconds"])
+    (times,) = interleaved_wall_times([run_once], task["warmup"], task["min_repeats"],
+                                      min_seconds=task["min_seconds"], max_repeats=task["max_repeats"])
     result = {
         "times_s": [round(value, 6) for value in times],
-        "latency_ms_p50": round(1e3 * percentile(times, 0.5), 3),
+        "latency_ms_p50": round(median_ms(times), 3),
         "latency_ms_p95": round(1e3 * percentile(times, 0.95), 3),
         "throughput_img_s": round(batch * len(times) / sum(times), 3),
         "baseline_rss_mb": round(baseline_rss, 1),

@@ -132,7 +132,7 @@ def compress_flow_weights(module: AnomalibModule, ov_model: ov.Model, onnx_path:
     The flows read low-level backbone features whose small weight errors the exact likelihood amplifies: for
     FastFlow (lite0, bottle) compressing every weight lowered the mean image/pixel AUROC on synthetic anomalies made
     from normal training images from 0.968 to 0.947, compressing only the flow head kept 0.968
-    (``benchmarks/int8_weights_selection.py``). The flow head holds most weights of CS-Flow and FastFlow.
+    (``benchmarks/results/int8_weights_selection.md``). The flow head holds most weights of CS-Flow and FastFlow.
     ``onnx_path``: the ONNX file ``ov_model`` was converted from, if still at hand (see ``onnx_export_of``).
     """
     nncf = require("nncf", "compression_type=INT8 (weight compression)")
