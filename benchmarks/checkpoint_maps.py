@@ -1,7 +1,6 @@
 r"""Anomaly maps of trained checkpoints on the same defective test images of a category (PNG, one row per model).
 
-Loads ``DIR/<model>_<category>.ckpt`` (written by ``select_image_score.py --save-checkpoints`` or
-``local_defect_validation.py --save-checkpoints``) into each model's shipped config, runs it on ``--count``
+Loads ``DIR/<model>_<category>.ckpt`` (written by ``decisions.py --save-checkpoints``), runs it on ``--count``
 defective test images spread over the category's defect types, saves the maps as ``.npz`` in the format of
 ``evaluate.py --save-maps`` and draws them with ``maps_figure.build_figure``. A picture only: every metric comes
 from the result files.
@@ -23,24 +22,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import maps_figure
-from select_image_score import datamodule, load_selection_checkpoint, model_inputs, shipped_model
+from harness.datasets import validation_split_datamodule
+from harness.models import load_checkpoint
 
 STEMS = {"CflowAD": "cflow_ad", "FastFlow": "fastflow", "CSFlow": "csflow"}
 
 
 @torch.no_grad()
 def save_maps(name: str, checkpoint: Path, category: str, count: int, out: Path) -> None:
-    model, _ = shipped_model(name)
-    load_selection_checkpoint(model, checkpoint)
-    model.eval()
-    data = datamodule(category, 8)
+    model = load_checkpoint(name, checkpoint).eval()
+    data = validation_split_datamodule(category, 8)
     data.prepare_data()
     data.setup("test")
     defective = [index for index in range(len(data.test_data)) if int(data.test_data[index].gt_label) == 1]
     chosen = [defective[int(i)] for i in np.linspace(0, len(defective) - 1, count)]
     items = [data.test_data[index] for index in chosen]
     images = torch.stack([item.image.as_subclass(torch.Tensor) for item in items])
-    maps = model.model(model_inputs(model, images)).anomaly_map
+    maps = model.model(model.pre_processor(images)).anomaly_map
     maps = torch.nn.functional.interpolate(maps.reshape(len(images), 1, *maps.shape[-2:]), size=images.shape[-2:],
                                            mode="bilinear", align_corners=False)[:, 0]
     folders = [Path(item.image_path).parent for item in items]  # <defect>/ or, in MVTec 3D-AD, <defect>/rgb/

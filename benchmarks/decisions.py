@@ -243,7 +243,7 @@ def test_readout(model, data, ours: bool) -> dict:
     return result
 
 
-def trained(row: str, category: str, max_minutes: float, batch_size: int):
+def trained(row: str, category: str, max_minutes: float, batch_size: int, save_to: Path | None = None):
     seed_everything(0, workers=True)
     config, init = ROWS[row]
     if config is not None:
@@ -260,6 +260,9 @@ def trained(row: str, category: str, max_minutes: float, batch_size: int):
     engine.fit(model=model, datamodule=data)
     info = {"epochs_run": engine.trainer.current_epoch, "epochs": epochs,
             "train_seconds": round(time.perf_counter() - start, 1)}
+    if save_to is not None and config is not None:
+        save_to.mkdir(parents=True, exist_ok=True)
+        engine.trainer.save_checkpoint(save_to / f"{name}_{category}.ckpt")
     data.setup("test")
     return model.eval(), data, info
 
@@ -271,6 +274,7 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decisions")
+    parser.add_argument("--save-checkpoints", type=Path, default=None, help="DIR/<Model>_<category>.ckpt (ours)")
     args = parser.parse_args()
     path = args.out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -278,7 +282,7 @@ def main() -> None:
     for category in args.categories:
         for row in args.rows:
             print(f"== {row} on {category}", flush=True)
-            model, data, info = trained(row, category, args.max_minutes, args.batch_size)
+            model, data, info = trained(row, category, args.max_minutes, args.batch_size, args.save_checkpoints)
             ours = not row.startswith("anomalib")
             record = {"row": row, "category": category, **info,
                       "command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:]),

@@ -51,22 +51,15 @@ def steps(work_dir: Path) -> list[Step]:
     def per_model(category: str, folder_only: bool = False) -> tuple[str, ...]:
         return tuple(f"{m}={ckpt}" if folder_only else f"{m}={ckpt / f'{m}_{category}.ckpt'}" for m in models)
 
-    validation = ("benchmarks/local_defect_validation.py", "--categories", "bottle", "tire", "--tag", "regenerate",
-                  "--save-checkpoints", str(ckpt), "--out", str(work_dir / "validation"))
     return [
         Step("accuracy", ("benchmarks/accuracy_table.py", "--force"),
              (f"{R}/<bottle|tire|generated>/<row>.json", f"{R}/accuracy_table.md"),
              ("README.md (accuracy table)", "docs/results.md")),
         Step("accuracy", ("benchmarks/maps_figure.py",), (f"{R}/bottle/anomaly_maps.png",),
              ("README.md", "docs/results.md")),
-        Step("checkpoints", (*validation[:1], "--models", "CflowAD", "FastFlow", "--batch-size", "16", *validation[1:]),
-             (f"{ckpt}/<Model>_<category>.ckpt",)),
-        Step("checkpoints", (*validation[:1], "--models", "CSFlow", "--batch-size", "8", *validation[1:]),
-             (f"{ckpt}/CSFlow_<category>.ckpt",)),
-        Step("tire", ("benchmarks/session_shift.py", "--categories", "tire", "--checkpoints", str(ckpt)),
-             (f"{R}/tire/session_shift.md", f"{R}/tire/session_shift.png"), ("README.md", "docs/results.md")),
-        Step("tire", ("benchmarks/map_prior.py", "--category", "tire", "--checkpoint", *per_model("tire")),
-             (f"{R}/tire/map_prior.md",), ("README.md", "docs/results.md")),
+        Step("decisions", ("benchmarks/decisions.py", "--save-checkpoints", str(ckpt)),
+             (f"{R}/decisions.json", f"{R}/decisions.md", f"{ckpt}/<Model>_<category>.ckpt"),
+             ("README.md (decisions table)", "docs/selection.md", "docs/thresholds.md")),
         Step("tire", ("benchmarks/checkpoint_maps.py", "--category", "tire", "--checkpoint",
                       *per_model("tire", folder_only=True), "--out", f"{R}/tire/anomaly_maps.png"),
              (f"{R}/tire/anomaly_maps.png",), ("README.md", "docs/results.md")),

@@ -133,14 +133,6 @@ def test_images_of_another_size_are_refused() -> None:
         model(torch.randn(1, 3, 128, 96))
 
 
-def test_the_image_score_comes_from_the_coarsest_scale_and_older_checkpoints_keep_every_scale(tmp_path: Path) -> None:
-    """The default ``score_scales=(-1,)``; a checkpoint saved without the setting (its per-position statistics were
-    fitted on the every-scale map) reloads with every scale, one saved with it keeps it."""
+def test_the_image_score_comes_from_the_coarsest_scale() -> None:
     model = FastFlow(**{**TINY_FASTFLOW, "layers": ["blocks.1", "blocks.2"]})
-    assert model.model.scorer.score_scales == [1]
-    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
-    model.on_load_checkpoint(checkpoint)
-    assert model.model.scorer.score_scales == [1]
-    del checkpoint["hyper_parameters"]["score_scales"]
-    model.on_load_checkpoint(checkpoint)
-    assert model.model.scorer.score_scales is None and model.hparams["score_scales"] is None
+    assert model.model.scorer.score_scales == [1] and model.model.scorer.map_scales == [0, 1]
