@@ -120,15 +120,10 @@ def test_inference_cache_follows_parameter_updates() -> None:
     torch.testing.assert_close(cached, fresh)
 
 
-def test_fiber_subsampling_keeps_each_fiber_with_its_position() -> None:
-    with pytest.warns(FutureWarning, match="max_fibers_per_image=.... is deprecated"):
-        CflowAD(**TINY_CFLOW, max_fibers_per_image=6)
+def test_fibers_keep_each_fiber_with_its_position() -> None:
     model = CflowAD(**TINY_CFLOW).model
     features = torch.randn(2, 40, 4, 5)
     fibers, positions = model.fibers(features)
     assert fibers.shape == (40, 40) and torch.equal(positions[:20], torch.arange(20))
-    sampled, sampled_positions = model.fibers(features, max_per_image=6)
-    assert sampled.shape == (12, 40) and sampled_positions.shape == (12,)
-    for row, (fiber, position) in enumerate(zip(sampled, sampled_positions, strict=True)):
-        image = row // 6
-        torch.testing.assert_close(fiber, features[image, :, position // 5, position % 5])
+    for row, (fiber, position) in enumerate(zip(fibers, positions, strict=True)):
+        torch.testing.assert_close(fiber, features[row // 20, :, position // 5, position % 5])

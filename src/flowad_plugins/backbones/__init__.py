@@ -35,8 +35,6 @@ from .weights import (
     read_state_dict,
 )
 
-_create_timm_model = create_timm_model  # the name the benchmark scripts import
-
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -15,7 +15,7 @@ import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
-from .batch_norm_folding import fold_batch_norms, folded_conv_parameters
+from .batch_norm_folding import fold_batch_norms
 from .feature_cache import FeatureCache
 from .weights import IMAGENET_MEAN, IMAGENET_STD, backbone_input_normalization, create_timm_model
 
@@ -83,11 +83,11 @@ class FeatureExtractor(nn.Module):
         self.extractor.eval()
         self.extractor.requires_grad_(False)
         # Frozen batch-norms are affine maps: fold them into the preceding convolutions (one pass less over every
-        # activation). Checkpoints written before folding still load (``_fold_incoming_batch_norms``).
+        # activation).
         self.folded_batch_norms: list[tuple[str, str, float]] = [] if self.is_transformer else fold_batch_norms(
             self.extractor, example_input_size=self.nearest_valid_input_size((64, 64))
         )
-        self.register_load_state_dict_pre_hook(self._fold_incoming_batch_norms)
+        self.register_load_state_dict_pre_hook(self._forget_cached_features)
         # CNNs run channels-last: oneDNN's native CPU layout (~1.5× faster for ResNets here). Outputs stay
         # channels-last, which also makes the NHWC fiber view of CFLOW-AD a free reshape.
         if not self.is_transformer:
@@ -95,20 +95,10 @@ class FeatureExtractor(nn.Module):
         # training images' features, computed once per fit (``feature_cache``); used only inside ``cache.active()``
         self.cache = FeatureCache()
 
-    def _fold_incoming_batch_norms(self, module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-        """Load hook: fold batch-norm entries of a state dict saved before folding into their convolutions (and
-        drop cached features: the weights may change)."""
+    def _forget_cached_features(self, *args: object) -> None:
+        """Load hook: new weights make the cached training features stale."""
+        del args
         self.cache.clear()
-        for conv_name, norm_name, eps in self.folded_batch_norms:
-            conv_key, norm_key = f"{prefix}extractor.{conv_name}.", f"{prefix}extractor.{norm_name}."
-            if f"{norm_key}running_var" not in state_dict:
-                continue
-            norm = {name: state_dict.pop(f"{norm_key}{name}") for name in
-                    ("weight", "bias", "running_mean", "running_var")}
-            state_dict.pop(f"{norm_key}num_batches_tracked", None)
-            weight, bias = folded_conv_parameters(state_dict[f"{conv_key}weight"],
-                                                   state_dict.get(f"{conv_key}bias"), norm, eps)
-            state_dict[f"{conv_key}weight"], state_dict[f"{conv_key}bias"] = weight, bias
 
     def _named(self, layers: Sequence[str]) -> str:
         """``layers=['a', 'b']``, or ``layer='a'`` when the caller's parameter takes a single layer."""

@@ -72,7 +72,6 @@ class CSFlow(FlowAnomalibModule):
     # uses 768 px); layer blocks.2 (stride 8: an 80×80 finest map at 640 px) over blocks.4 (stride 16) on validation
     # with small synthetic defects of bottle, tire and generated data (benchmarks/results/local_defect_validation.md).
     DEFAULT_INPUT_SIZE = (640, 640)
-    DEFAULT_IMAGE_SIZE = DEFAULT_INPUT_SIZE  # former name
 
     def __init__(
         self,
