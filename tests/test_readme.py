@@ -227,7 +227,7 @@ def test_readme_block_runs(entry: Block, workdir: Path, block_runs: dict[str, tu
         assert list(workdir.glob(pattern)), f"{entry.name}: nothing matches {pattern} under {workdir}"
     noise = [message for message in NOISE if message in output]
     assert not noise, f"{entry.name} printed known library noise {noise}"
-    deprecations = [line for line in output.splitlines() if re.search(r"(Future|Deprecation)Warning", line)
+    deprecations = [line for line in output.splitlines() if re.search(r"(Future|Deprecation)Warning: ", line)
                     and not any(known in line for known in ANOMALIB_IMPORT_WARNINGS)]
     assert not deprecations, f"{entry.name} printed deprecation warnings {deprecations}"
     assert not RICH_LOG_LINE.search(output), f"{entry.name} printed log lines twice:\n{output[-3000:]}"
