@@ -82,3 +82,64 @@ def test_installed_on_import_without_torch_and_switchable_off() -> None:
     verbose = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120,
                              env={"FLOWAD_VERBOSE": "1", "PATH": ""})
     assert verbose.stdout.split()[0] == "False"
+
+
+def test_duplicate_handlers_of_anomalibs_cli_dropped() -> None:
+    """anomalib's CLI logging (plain StreamHandler + RichHandler on the root logger) prints each record once after
+    the plugin is imported, as the CLI imports it."""
+    probe = ("import logging; from anomalib.loggers import configure_logger; configure_logger(); "
+             "import flowad_plugins; logging.getLogger('anomalib.probe').info('probe message'); "
+             "logging.getLogger('lightning.pytorch.probe').info('lightning probe')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stderr.count("probe message") == 1, result.stderr
+    assert result.stderr.count("lightning probe") == 1, result.stderr
+
+
+def test_missing_and_mismatched_masks_named(tmp_path) -> None:
+    from flowad_plugins.cli_errors import missing_masks_message
+
+    for folder, names in (("defect", ["000.png", "001.png", "002.png"]), ("mask", ["000_mask.png", "002_mask.png"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    message = missing_masks_message([tmp_path / "defect"], [tmp_path / "mask"])
+    assert f"no mask for the defective image {tmp_path / 'defect' / '001.png'}: expected " \
+           f"{tmp_path / 'mask' / '001_mask.png'}" in message
+    assert "2 mask file(s) for 3 defective image(s)" in message
+    (tmp_path / "mask" / "001_mask.png").write_bytes(b"")
+    assert missing_masks_message(tmp_path / "defect", tmp_path / "mask") is None
+    (tmp_path / "mask" / "007_mask.png").write_bytes(b"")
+    assert "masks without a defective image: " in missing_masks_message(tmp_path / "defect", tmp_path / "mask")
+
+
+def test_only_our_own_checks_and_missing_paths_count_as_user_errors() -> None:
+    from flowad_plugins.cli_errors import user_error_message
+    from flowad_plugins.edge.settings import openvino_config
+
+    def raised(function, *args):
+        try:
+            function(*args)
+        except Exception as error:  # the test wants the exception object with its traceback
+            return error
+        raise AssertionError("nothing raised")
+
+    ours = raised(openvino_config, "int4")
+    assert user_error_message(ours) == str(ours)
+    wrapper = raised(lambda: _wrap([ours]))  # jsonargparse style: our error held in a list, its text repeated
+    assert user_error_message(wrapper) == str(ours)
+    assert user_error_message(raised(lambda: int("x"))) is None  # a ValueError raised outside our package
+    assert user_error_message(raised(open, "/nonexistent/flowad")) is not None
+    assert user_error_message(raised(lambda: [][1])) is None
+
+
+def _wrap(errors: list) -> None:
+    lines = "\n".join(f"  - {error}" for error in errors)
+    raise ValueError(f"Does not validate against any of the Union subtypes\nErrors:\n{lines}")
+
+
+def test_compact_errors_only_inside_anomalibs_cli() -> None:
+    probe = ("import sys, flowad_plugins; hook = getattr(sys.excepthook, 'flowad_compact_errors', False); "
+             "import anomalib.cli.cli; from flowad_plugins.cli_errors import install_compact_errors; "
+             "print(hook, install_compact_errors(), install_compact_errors())")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stdout.split() == ["False", "True", "False"]  # not in a plain program; once under the CLI

@@ -194,3 +194,11 @@ def test_the_lazy_package_root_still_resolves_models_for_the_anomalib_cli(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "class_path: flowad_plugins.CflowAD" in result.stdout
     assert "coupling_blocks:" in result.stdout  # a default read from CflowAD's signature: the class was imported
+
+
+def test_exports_stamp_the_metadata_key_the_edge_reads() -> None:
+    """``post_processing`` writes threshold metadata under the key ``edge.settings`` defines for both sides."""
+    from flowad_plugins import post_processing
+    from flowad_plugins.edge.settings import METADATA_KEY
+
+    assert post_processing.METADATA_KEY == METADATA_KEY

@@ -28,7 +28,6 @@ from flowad_plugins.export import (
     export_model,
     normal_calibration_loader,
     openvino_config,
-    predict_folder,
     static_input_size,
 )
 
@@ -238,11 +237,13 @@ def _folder_with_unreadable_images(source: Path, target: Path) -> list[Path]:
     return readable
 
 
-def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """FP16 IR (Engine.export) → ``predict_folder`` writes one overlay PNG per readable image, scores as OpenVINO's;
-    a truncated and an empty PNG are skipped, named in a warning and in ``skipped``."""
+def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path: Path) -> None:
+    """FP16 IR (Engine.export) → the edge runtime's folder prediction writes one overlay PNG per readable image,
+    scores as torch; a truncated and an empty PNG are skipped and listed."""
     from PIL import Image
+
+    from flowad_plugins.edge import EdgeModel
+    from flowad_plugins.edge.cli import predict_images
 
     model, engine = fitted("CflowAD")
     ir_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "fp16", input_size=(128, 128),
@@ -250,17 +251,15 @@ def test_fp16_ir_and_overlays_on_a_folder(fitted, synthetic_root: Path, tmp_path
     assert static_input_size(__import__("openvino").Core().read_model(ir_path)) == (128, 128)
     source = next(p for p in (synthetic_root / "surface" / "test").iterdir() if p.name != "good")
     images = _folder_with_unreadable_images(source, tmp_path / "images")
-    monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        records = predict_folder(ir_path, tmp_path / "images", tmp_path / "overlays")
+    summary = predict_images(EdgeModel(ir_path, precision="f32"), [tmp_path / "images"], tmp_path / "out")
+    records = summary["results"]
     assert [Path(r["path"]).name for r in records] == [p.name for p in images]
-    assert [Path(item["path"]).name for item in records.skipped] == ["empty.png", "truncated.png"]
-    assert "truncated" in records.skipped[1]["reason"]
-    assert "skipped 2 of" in caplog.text and "truncated.png" in caplog.text and "empty.png" in caplog.text
+    assert sorted(Path(item["path"]).name for item in summary["skipped"]) == ["empty.png", "truncated.png"]
     for record in records:
         overlay = Image.open(record["overlay"])
         assert overlay.size == (128, 128) and overlay.mode == "RGB"
-    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == sorted(f"{p.stem}_overlay.png" for p in images)
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == sorted(
+        f"{p.stem}_overlay.png" for p in images)
     with torch.no_grad():
         from anomalib.data.utils import read_image
 
@@ -332,6 +331,22 @@ def test_int8_without_nncf_says_how_to_install_it(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "nncf", None)  # as if the optional package were not installed
     with pytest.raises(ImportError, match=r"needs the optional package 'nncf'.*pip install 'flowad-plugins\[int8\]'"):
         compress_flow_weights(flowad_plugins.CflowAD(**TINY_CFLOW), None)
+
+
+@pytest.mark.parametrize("compression", ["int8", "int8_ptq", "int8_acq"])
+def test_int8_export_without_nncf_is_refused_before_any_export_work(
+    compression: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``to_openvino`` (what ``Engine.export`` and ``anomalib export`` call) and ``export_model`` check for nncf first:
+    nothing is traced, converted or written."""
+    monkeypatch.setitem(sys.modules, "nncf", None)
+    model = flowad_plugins.CflowAD(**TINY_CFLOW)
+    monkeypatch.setattr(model, "to_onnx", lambda *args, **kwargs: pytest.fail("export started"))
+    with pytest.raises(ImportError, match=rf"compression_type='{compression}' needs the optional package 'nncf'"):
+        model.to_openvino(tmp_path / "ir", compression_type=CompressionType(compression))
+    with pytest.raises(ImportError, match="flowad-plugins\\[int8\\]"):
+        export_model(model, "openvino", tmp_path / "ir", compression_type=compression)
+    assert not (tmp_path / "ir").exists()
 
 
 def test_anomalib_export_cli_writes_an_ir_that_matches_the_checkpoint(

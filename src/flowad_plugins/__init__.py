@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from flowad_plugins.cli_errors import install_compact_errors
 from flowad_plugins.console import install_console_filters
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["CSFlow", "CflowAD", "FastFlow"]
 __version__ = "0.1.0"
 install_console_filters()  # known library noise only (flowad_plugins.console); FLOWAD_VERBOSE=1 keeps all
+install_compact_errors()  # under the anomalib CLI: user errors in a few lines (flowad_plugins.cli_errors)
 
 _LAZY_ATTRIBUTES = {"CflowAD": "flowad_plugins.models", "CSFlow": "flowad_plugins.models",
                     "FastFlow": "flowad_plugins.models"}

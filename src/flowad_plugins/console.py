@@ -14,6 +14,16 @@ message by a regular expression; everything else, our own warnings included, pas
 - the INFO bookkeeping of ``onnx_ir`` / ``onnxscript`` graph passes (hundreds of lines per export under the
   anomalib CLI, which sets the root logger to INFO); their warnings and errors still show.
 
+Under the anomalib CLI every log record printed twice: its ``configure_logger`` gives the root logger (and
+Lightning's) a plain ``StreamHandler`` *and* a ``RichHandler``, both on stderr. ``drop_duplicate_handlers`` keeps
+the plain one (one line per record, greppable) where a logger has both; it runs when the plugin is imported, which
+the CLI does after configuring its loggers.
+
+anomalib 2.7's CLI also prints two FutureWarnings (``timm.models.layers``, ``anomalib.models.components.dinov2``)
+while it imports its own model zoo, before any plugin is loaded; no plugin code can filter those (``export
+PYTHONWARNINGS=ignore::FutureWarning`` does). Programs that import ``flowad_plugins`` before anomalib, and
+``flowad-demo``, do not show them.
+
 Set ``FLOWAD_VERBOSE=1`` to keep every message. No torch or anomalib import here.
 """
 
@@ -52,6 +62,8 @@ KNOWN_WARNINGS: tuple[str, ...] = (
 )
 # Libraries whose INFO records are graph-pass bookkeeping; raised to WARNING (their children inherit it).
 QUIET_INFO_LOGGERS: tuple[str, ...] = ("onnx_ir", "onnxscript")
+# Loggers that anomalib's configure_logger gives both a StreamHandler and a RichHandler.
+DOUBLE_HANDLER_LOGGERS: tuple[str, ...] = ("", "lightning.pytorch")
 
 
 class MessageFilter(logging.Filter):
@@ -64,6 +76,21 @@ class MessageFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Keep the record unless its message is known noise."""
         return self.pattern.search(record.getMessage()) is None
+
+
+def drop_duplicate_handlers(logger_names: tuple[str, ...] = DOUBLE_HANDLER_LOGGERS) -> int:
+    """Remove the ``RichHandler`` of each named logger that also has a plain ``StreamHandler`` (each record would
+    print twice); returns how many were removed."""
+    removed = 0
+    for name in logger_names:
+        logger = logging.getLogger(name)
+        plain = [handler for handler in logger.handlers if type(handler) is logging.StreamHandler]
+        rich = [handler for handler in logger.handlers if type(handler).__name__ == "RichHandler"]
+        if plain and rich:
+            for handler in rich:
+                logger.removeHandler(handler)
+                removed += 1
+    return removed
 
 
 _installed = False
@@ -87,5 +114,6 @@ def install_console_filters(force: bool = False) -> bool:
             logger.setLevel(logging.WARNING)
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{pattern}")
+    drop_duplicate_handlers()
     _installed = True
     return True

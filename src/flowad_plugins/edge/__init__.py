@@ -1,7 +1,8 @@
 """Torch-free runtime for exported flow models: openvino, numpy and Pillow only.
 
 ``EdgeModel("model.xml").predict(read_image(path))`` in Python, or ``flowad-predict model.xml images/ --out
-results/`` on the command line. Nothing here imports torch, lightning or anomalib.
+results/`` on the command line. Nothing here imports torch, lightning or anomalib. ``edge.settings`` holds the
+OpenVINO settings (precisions, threads, static input size, metadata key, image suffixes) that export uses too.
 """
 
 from flowad_plugins.edge.images import IMAGE_SUFFIXES, ImageReadError, find_images, read_image, resize_image

@@ -22,7 +22,7 @@ import numpy as np
 
 from flowad_plugins.edge.images import ImageReadError, find_images, read_image, resize_image
 from flowad_plugins.edge.overlay import save_overlay
-from flowad_plugins.edge.runtime import PRECISIONS, EdgeModel, Prediction
+from flowad_plugins.edge.runtime import EDGE_PRECISIONS, EdgeModel, Prediction
 from flowad_plugins.edge.thresholds import THRESHOLD_MODES, choose_threshold
 
 CSV_COLUMNS = ("path", "score", "label", "threshold", "threshold_source", "reason", "overlay")
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="model: the exported threshold; f1: the F1-optimal one from the IR's threshold metadata")
     parser.add_argument("--threshold", type=float, default=None,
                         help="explicit image threshold on the normalised score in (0, 1); 0.5 = the model's")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="auto",
+    parser.add_argument("--precision", choices=sorted(EDGE_PRECISIONS), default="auto",
                         help="auto: the CPU's default for our marked IRs, float32 otherwise (default: %(default)s)")
     parser.add_argument("--device", default="CPU", help="OpenVINO device (default: CPU)")
     parser.add_argument("--num-threads", type=int, default=None, help="CPU inference threads")

@@ -17,20 +17,28 @@ from typing import Any
 
 import numpy as np
 
+from flowad_plugins.edge.settings import (
+    AUTO_PRECISION,
+    PRECISE_ATTRIBUTE,
+    PRECISIONS,
+    openvino_config,
+    static_batch_size,
+    static_input_size,
+)
 from flowad_plugins.edge.thresholds import Threshold, choose_threshold, read_metadata
 
-PRECISIONS = {"f32": {"INFERENCE_PRECISION_HINT": "f32"}, "default": {}, "auto": {}}
-FLOAT32_MARK = 'name="precise"'  # the IR attribute our exports give the layers that must stay float32
+EDGE_PRECISIONS = (AUTO_PRECISION, *PRECISIONS)
+FLOAT32_MARK = f'name="{PRECISE_ATTRIBUTE["name"]}"'  # in the IR text of a layer our exports keep float32
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
 
-__all__ = ["PRECISIONS", "EdgeModel", "Prediction", "classify", "resolve_precision"]
+__all__ = ["EDGE_PRECISIONS", "EdgeModel", "Prediction", "classify", "resolve_precision"]
 
 
 def resolve_precision(path: Path, precision: str) -> str:
     """``"auto"``: ``"default"`` for an IR whose precision-critical layers are marked float32 (every IR our
     ``to_openvino`` writes: accurate and faster at the CPU's default precision), else ``"f32"`` (an older or
     foreign IR, or ONNX). Other values are returned unchanged."""
-    if precision != "auto":
+    if precision != AUTO_PRECISION:
         return precision
     if path.suffix.lower() == ".xml" and FLOAT32_MARK in path.read_text(encoding="utf-8", errors="ignore"):
         return "default"
@@ -65,8 +73,9 @@ class EdgeModel:
         path: the IR's ``model.xml`` (``model.bin`` next to it) or an ``.onnx`` file.
         device: OpenVINO device, e.g. ``"CPU"``.
         precision: ``"auto"`` (``resolve_precision``: the CPU's default for IRs marked as our exports are, else
-            float32), ``"f32"`` (float32 on CPU, as the torch model computes) or ``"default"`` (the plugin's
-            choice, bf16 on CPUs with AMX/AVX512-BF16).
+            float32), ``"f32"`` (float32 on CPU, as the torch model computes), ``"default"`` (the plugin's
+            choice, bf16 on CPUs with AMX/AVX512-BF16), or a forced ``"bf16"`` / ``"f16"``
+            (``flowad_plugins.edge.settings.PRECISIONS``).
         threshold: image threshold on the normalised score; default: the model's (``choose_threshold``).
         num_threads: CPU inference threads (``None``: OpenVINO's default).
     """
@@ -79,16 +88,11 @@ class EdgeModel:
         if self.path.suffix.lower() not in (".xml", ".onnx") or not self.path.is_file():
             msg = f"model must be an existing OpenVINO .xml (with its .bin) or .onnx file; got {str(self.path)!r}."
             raise ValueError(msg)
-        if precision not in PRECISIONS:
-            msg = f"precision={precision!r} is not supported; allowed values: {sorted(PRECISIONS)}."
+        if precision not in EDGE_PRECISIONS:
+            msg = f"precision={precision!r} is not supported; allowed values: {sorted(EDGE_PRECISIONS)}."
             raise ValueError(msg)
         self.precision = resolve_precision(self.path, precision)
-        config = dict(PRECISIONS[self.precision])
-        if num_threads is not None:
-            if isinstance(num_threads, bool) or int(num_threads) != num_threads or num_threads < 1:
-                msg = f"num_threads must be a positive integer or None; got {num_threads!r}."
-                raise ValueError(msg)
-            config["INFERENCE_NUM_THREADS"] = str(int(num_threads))
+        config = openvino_config(self.precision, num_threads)
         core = ov.Core()
         model = core.read_model(str(self.path))
         missing = [name for name in OUTPUT_NAMES if not any(name in out.get_names() for out in model.outputs)]
@@ -98,11 +102,8 @@ class EdgeModel:
             raise ValueError(msg)
         self.metadata = read_metadata(model)
         self.threshold = threshold or choose_threshold(self.metadata)
-        shape = model.input(0).partial_shape
-        self.input_size: tuple[int, int] | None = None
-        if shape.rank.is_static and shape[2].is_static and shape[3].is_static:
-            self.input_size = (int(shape[2].get_length()), int(shape[3].get_length()))
-        self.static_batch: int | None = int(shape[0].get_length()) if shape[0].is_static else None
+        self.input_size = static_input_size(model)
+        self.static_batch = static_batch_size(model)
         self._compiled = core.compile_model(model, device, config)
         self._request = self._compiled.create_infer_request()
 

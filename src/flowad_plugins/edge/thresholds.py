@@ -15,7 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-METADATA_KEY = "flowad_thresholds"
+from flowad_plugins.edge.settings import METADATA_KEY
+
 THRESHOLD_MODES = ("model", "f1")
 
 __all__ = ["METADATA_KEY", "THRESHOLD_MODES", "Threshold", "choose_threshold", "read_metadata"]

@@ -25,23 +25,25 @@ What this package adds to anomalib's ``Engine.export`` / ``to_openvino``, by mod
 - ``onnx_graph``: where the backbone ends in the exported graph, and the nncf scopes keeping the rest float.
 - ``options``: ``export_model``, ``Engine.export``'s options checked up front with clear errors (compression with
   ONNX, quantization without data).
-- ``openvino``: ``openvino_config`` (``precision="f32"`` asks the CPU plugin for float32, which FP32 parity needs;
-  its default is bf16 where the CPU supports it) and ``static_input_size``.
-- ``predict_folder`` / ``anomaly_overlay`` (from ``flowad_plugins.folder_prediction``): run an IR on a folder of
-  images and write anomaly-map overlays, skipping unreadable files.
+- ``openvino_config`` / ``static_input_size`` / ``PRECISIONS``: re-exported from ``flowad_plugins.edge.settings``,
+  the one module of OpenVINO settings that export and the torch-free edge runtime share (``precision="f32"`` asks
+  the CPU plugin for float32, which FP32 parity needs; its default is bf16 where the CPU supports it).
+
+Running an exported IR on a folder of images (scores, overlays, unreadable files skipped) is the torch-free
+``flowad-predict`` / ``flowad_plugins.edge``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from flowad_plugins.edge.settings import PRECISIONS, openvino_config, static_input_size
 
 from .accuracy_control import quantize_with_accuracy_control, validation_metric
 from .onnx_graph import backbone_conv_count, backbone_only_scope, float_tail_names, float_weights_scope
-from .openvino import PRECISIONS, openvino_config, static_input_size
 from .options import (
     SUPPORTED_COMPRESSIONS,
     check_calibration_data,
     check_compression,
+    check_compression_dependencies,
     check_to_openvino_arguments,
     export_model,
 )
@@ -55,15 +57,13 @@ from .quantization import (
 
 __all__ = [
     "DEFAULT_CALIBRATION_SIZE",
-    "IMAGE_SUFFIXES",
     "PRECISIONS",
     "SUPPORTED_COMPRESSIONS",
-    "FolderPredictions",
-    "anomaly_overlay",
     "backbone_conv_count",
     "backbone_only_scope",
     "check_calibration_data",
     "check_compression",
+    "check_compression_dependencies",
     "check_to_openvino_arguments",
     "compress_flow_weights",
     "export_model",
@@ -71,22 +71,9 @@ __all__ = [
     "float_weights_scope",
     "normal_calibration_loader",
     "openvino_config",
-    "predict_folder",
     "quantize_backbone_on_normal_images",
     "quantize_on_normal_images",
     "quantize_with_accuracy_control",
     "static_input_size",
     "validation_metric",
 ]
-
-_FOLDER_PREDICTION_NAMES = ("FolderPredictions", "IMAGE_SUFFIXES", "anomaly_overlay", "predict_folder")
-
-
-def __getattr__(name: str) -> Any:
-    """``predict_folder`` and its helpers, imported on first use (``folder_prediction`` imports this package)."""
-    if name in _FOLDER_PREDICTION_NAMES:
-        from flowad_plugins import folder_prediction
-
-        return getattr(folder_prediction, name)
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)

@@ -27,9 +27,10 @@ import torch
 from anomalib.data import ImageBatch
 from anomalib.deploy import CompressionType
 
+from flowad_plugins.edge.settings import static_input_size
+
 from .extras import require
 from .onnx_graph import backbone_conv_count, backbone_only_scope
-from .openvino import static_input_size
 from .options import check_calibration_data
 from .quantization import ir_input, normal_calibration_loader, onnx_export_of
 

@@ -1,7 +1,7 @@
 """``export_model``: ``Engine.export``'s options checked up front, with errors naming the parameter and allowed values.
 
 Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8_PTQ`` / ``INT8_ACQ`` without
-``datamodule`` (nothing to calibrate on), unknown types and sizes.
+``datamodule`` (nothing to calibrate on), an INT8 kind without nncf installed, unknown types and sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from anomalib.deploy import CompressionType, ExportType
 
 from flowad_plugins.input_guard import validated_input_size
+
+from .extras import require
 
 if TYPE_CHECKING:
     from anomalib.data import AnomalibDataModule
@@ -43,6 +45,19 @@ def check_compression(compression_type: CompressionType | str | None) -> Compres
     return compression
 
 
+NNCF_COMPRESSIONS = (CompressionType.INT8, CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
+
+
+def check_compression_dependencies(compression_type: CompressionType | str | None) -> None:
+    """``ImportError`` saying how to install nncf when ``compression_type`` needs it (the INT8 kinds)."""
+    try:
+        compression = CompressionType(compression_type) if compression_type is not None else None
+    except ValueError:
+        return  # an unknown value: the export's own checks name it
+    if compression in NNCF_COMPRESSIONS:
+        require("nncf", f"compression_type={compression.value!r}")
+
+
 def check_calibration_data(compression_type: CompressionType | str | None, datamodule: Any) -> None:
     """``ValueError`` for ``INT8_PTQ`` / ``INT8_ACQ`` without a datamodule, before anything is exported."""
     try:
@@ -58,14 +73,17 @@ def check_calibration_data(compression_type: CompressionType | str | None, datam
 
 
 def check_to_openvino_arguments(*args: Any, **kwargs: Any) -> None:
-    """``check_calibration_data`` on the arguments of a ``to_openvino(...)`` call (anomalib's signature)."""
+    """``check_compression_dependencies`` and ``check_calibration_data`` on the arguments of a ``to_openvino(...)``
+    call (anomalib's signature), so that a refused export starts no export work."""
     from anomalib.models.components.base.export_mixin import ExportMixin
 
     try:
         bound = inspect.signature(ExportMixin.to_openvino).bind(None, *args, **kwargs)
     except TypeError:
         return  # anomalib's own call raises the argument error
-    check_calibration_data(bound.arguments.get("compression_type"), bound.arguments.get("datamodule"))
+    compression_type = bound.arguments.get("compression_type")
+    check_compression_dependencies(compression_type)
+    check_calibration_data(compression_type, bound.arguments.get("datamodule"))
 
 
 def export_model(
@@ -99,6 +117,7 @@ def export_model(
             "use export_type='openvino' or compression_type=None."
         )
         raise ValueError(msg)
+    check_compression_dependencies(compression)
     check_calibration_data(compression, datamodule)
     if input_size is not None:
         input_size = validated_input_size(input_size)

@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-PRECISE_ATTRIBUTE = {"name": "precise", "version": "0"}  # ov::DisableFP16Compression in an IR file
+from flowad_plugins.edge.settings import PRECISE_ATTRIBUTE
+
 UNMARKED_TYPES = ("Const", "Parameter", "Result")
 CHANNEL_REDUCTIONS = ("ReduceSum", "ReduceMean")
 ELEMENTWISE_FEEDERS = ("Power", "Multiply", "Tanh", "Add", "Subtract", "Clamp", "Sigmoid", "Exp")

@@ -24,9 +24,10 @@ from anomalib.deploy import CompressionType
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
 
+from flowad_plugins.edge.settings import static_input_size
+
 from .extras import require
 from .onnx_graph import backbone_conv_count, backbone_only_scope, float_weights_scope
-from .openvino import static_input_size
 from .options import check_calibration_data
 
 if TYPE_CHECKING:
