@@ -58,8 +58,8 @@ ANOMALIB_EPOCHS = 10
 # image-score variants: (per-position std shrinkage λ, map jitter as a share of the shorter side); None = plain max
 VARIANTS: dict[str, tuple[float, float] | None] = {
     "plain_max": None, "shrink_0": (1e-3, 0.0), "shrink_0.25": (0.25, 0.0), "shrink_0.5": (0.5, 0.0),
-    "shrink_1": (1.0, 0.0), "shrink_0.25_jitter": (0.25, 1 / 32), "shrink_0.5_jitter": (0.5, 1 / 32),
-    "shrink_1_jitter": (1.0, 1 / 32),
+    "shrink_1": (1.0, 0.0), "shrink_0.25_jitter64": (0.25, 1 / 64), "shrink_0.5_jitter64": (0.5, 1 / 64),
+    "shrink_1_jitter64": (1.0, 1 / 64), "shrink_0.5_jitter32": (0.5, 1 / 32),
 }
 BRIGHTNESS = 2 / 255
 SHIFT = 8
@@ -67,17 +67,16 @@ CONDITIONS = ("clean", "bright+2", "bright-2", "shift+8", "shift-8", "bf16")
 
 
 def drifted(images: torch.Tensor, condition: str, pre_processor) -> torch.Tensor:
-    """``images`` (``B×3×H×W`` in [0, 1]) pre-processed, then drifted (brightness before the resize; the shift, along
-    both axes, after it, with the uncovered border reflected)."""
+    """``images`` (``B×3×H×W`` in [0, 1], the dataset's own frame) drifted, then pre-processed: brightness ±2/255, or
+    a shift by ±8 px of the frame along both axes (the uncovered border reflected)."""
     if condition.startswith("bright"):
         images = (images + (BRIGHTNESS if condition.endswith("+2") else -BRIGHTNESS)).clamp(0, 1)
-    inputs = pre_processor(images)
     if condition.startswith("shift"):
         step = SHIFT if condition.endswith("+8") else -SHIFT
-        padded = F.pad(inputs, (SHIFT, SHIFT, SHIFT, SHIFT), mode="reflect")
-        height, width = inputs.shape[-2:]
-        inputs = padded[..., SHIFT - step: SHIFT - step + height, SHIFT - step: SHIFT - step + width]
-    return inputs
+        padded = F.pad(images, (SHIFT, SHIFT, SHIFT, SHIFT), mode="reflect")
+        height, width = images.shape[-2:]
+        images = padded[..., SHIFT - step: SHIFT - step + height, SHIFT - step: SHIFT - step + width]
+    return pre_processor(images)
 
 
 def autocast_for(condition: str):
@@ -139,16 +138,60 @@ def validation_images(data) -> tuple[list[torch.Tensor], list[torch.Tensor], lis
             unseen)
 
 
-def with_local_defects(normals: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
+def with_local_defects(normals: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray, torch.Tensor]:
+    """Each normal image as is and with each kind of local defect: (images, labels, masks ``N×H×W``)."""
     rng = np.random.default_rng(0)
-    images, labels = [], []
+    images, labels, masks = [], [], []
     for index, image in enumerate(normals):
         images.append(image)
         labels.append(0)
+        masks.append(torch.zeros(image.shape[-2:], dtype=torch.bool))
         for kind in KINDS:
-            images.append(add_local_defect(image, normals[(index + 1) % len(normals)], rng, kind)[0])
+            defective, mask = add_local_defect(image, normals[(index + 1) % len(normals)], rng, kind)
+            images.append(defective)
             labels.append(1)
-    return images, np.asarray(labels)
+            masks.append(mask.bool())
+    return images, np.asarray(labels), torch.stack(masks)
+
+
+@torch.no_grad()
+def anomaly_maps(model, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw image scores ``N``, raw anomaly maps ``N×H×W`` at the images' own size) of the shipped model."""
+    scores, maps = [], []
+    for batch in batched(images):
+        prediction = model.model(model.pre_processor(batch))
+        scores.append(prediction.pred_score.float())
+        maps.append(F.interpolate(prediction.anomaly_map.float().reshape(len(batch), 1, *prediction.anomaly_map
+                                                                          .shape[-2:]),
+                                  size=batch.shape[-2:], mode="bilinear", align_corners=False)[:, 0])
+    return torch.cat(scores), torch.cat(maps)
+
+
+def pixel_f1(maps: torch.Tensor, masks: torch.Tensor, threshold: float, flagged: torch.Tensor) -> float:
+    """F1 of ``maps > threshold`` on images ``flagged`` (masks only on images labelled anomalous)."""
+    predicted = (maps > threshold) & flagged.reshape(-1, 1, 1)
+    true_positive = int((predicted & masks).sum())
+    return round(2 * true_positive / max(int(predicted.sum()) + int(masks.sum()), 1), 4)
+
+
+def pixel_rules(model, seen: list[torch.Tensor], synthetic: list, images: list[torch.Tensor],
+                masks: torch.Tensor) -> dict:
+    """Pixel F1 on unseen normals + local defects at each pixel-threshold rule (masks gated by the shipped labels)."""
+    from flowad_plugins.post_processing.thresholds import DEFAULT_PIXEL_FPR, false_alarm_threshold
+
+    _, seen_maps = anomaly_maps(model, seen)
+    _, synthetic_maps = anomaly_maps(model, [item.image for item in synthetic])
+    synthetic_masks = torch.stack([item.gt_mask.bool().reshape(item.image.shape[-2:]) for item in synthetic])
+    values = torch.cat([seen_maps.flatten(), synthetic_maps.flatten()]).numpy()
+    truth = torch.cat([torch.zeros(seen_maps.numel()), synthetic_masks.flatten().float()]).numpy()
+    step = max(1, len(values) // 200_000)  # a subsample keeps the F1 search fast
+    rules = {"f1_synthetic": _f1_optimal(values[::step], truth[::step]),
+             "fpr_0.001": false_alarm_threshold(seen_maps, DEFAULT_PIXEL_FPR)[0],
+             "fpr_0.01": false_alarm_threshold(seen_maps, 0.01)[0]}
+    threshold = float(model.post_processor.image_threshold)
+    scores, maps = anomaly_maps(model, images)
+    flagged = scores > threshold
+    return {name: pixel_f1(maps, masks, value, flagged) for name, value in rules.items()}
 
 
 def batched(images: list[torch.Tensor], size: int = 8):
@@ -166,9 +209,11 @@ def validation_study(model, data) -> dict:
     seen_scores = {k: v.numpy() for k, v in _scores(model, seen, "clean", statistics).items()}
     synthetic = [item.image for item in data.val_data if int(item.gt_label) == 1]
     synthetic_scores = {k: v.numpy() for k, v in _scores(model, synthetic, "clean", statistics).items()}
-    images, labels = with_local_defects(unseen)
+    images, labels, masks = with_local_defects(unseen)
     result = {"images": {"threshold_normals": len(seen), "synthetic": len(synthetic), "unseen_normals": len(unseen),
                          "local_defects": int(labels.sum())}, "variants": {}}
+    result["pixel_f1"] = pixel_rules(model, seen, [item for item in data.val_data if int(item.gt_label) == 1],
+                                     images, masks)
     per_condition = {condition: {k: v.numpy() for k, v in _scores(model, images, condition, statistics).items()}
                      for condition in CONDITIONS}
     for name in VARIANTS:
@@ -235,12 +280,23 @@ def test_readout(model, data, ours: bool) -> dict:
                                                  size=o[3][-2:], mode="nearest")[:, 0] for o in outputs]).bool()
             true_positive = int((predicted & masks).sum())
             pixel_f1 = 2 * true_positive / max(int(predicted.sum()) + int(masks.sum()), 1)
-            row.update(pixel_f1=round(pixel_f1, 4),
+            row.update(pixel_f1=round(pixel_f1, 4), pixel_f1_fpr_rule=_test_pixel_fpr_rule(model, data, items, masks)
+                       if ours else None,
                        normal_images_with_mask=round(float(predicted[labels == 0].flatten(1).any(1).float().mean()),
                                                      4),
                        threshold_report={k: v for k, v in getattr(post, "threshold_report", {}).items()})
         result[condition] = row
     return result
+
+
+def _test_pixel_fpr_rule(model, data, items: list, masks: torch.Tensor) -> float:
+    """Test pixel F1 with the pixel threshold at a 0.1 % false-alarm rate of the normal validation pixels."""
+    from flowad_plugins.post_processing.thresholds import DEFAULT_PIXEL_FPR, false_alarm_threshold
+
+    seen, _, _ = validation_images(data)
+    threshold = false_alarm_threshold(anomaly_maps(model, seen)[1], DEFAULT_PIXEL_FPR)[0]
+    scores, maps = anomaly_maps(model, [item.image for item in items])
+    return pixel_f1(maps, masks, threshold, scores > float(model.post_processor.image_threshold))
 
 
 def trained(row: str, category: str, max_minutes: float, batch_size: int, save_to: Path | None = None):

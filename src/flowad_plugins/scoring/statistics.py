@@ -35,7 +35,7 @@ from torch.nn import functional as F
 # - the statistics are fitted on every training map and its copies shifted by ±POSITION_JITTER of the shorter side
 #   (along both axes and diagonals), so a part placed a few pixels off does not light up its own edges.
 POSITION_STD_SHRINK = 0.5
-POSITION_JITTER = 1 / 32
+POSITION_JITTER = 1 / 64
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
