@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flowad_plugins.edge.settings import METADATA_KEY
+
 if TYPE_CHECKING:
     from .processor import FlowPostProcessor
-
-METADATA_KEY = "flowad_thresholds"
 
 
 def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostProcessor) -> Path:
