@@ -2,10 +2,11 @@
 
 On a CPU whose default inference precision is bf16 (AVX512-BF16 / AMX), OpenVINO's CPU plugin merges a convolution,
 the residual ``Add`` after it and the ``ReLU`` after that into one node (a convolution with a sum post-op). When the
-convolution carries the ``precise`` attribute (kept float32) and the ``ReLU`` does not, the merged node runs in
-float32 while its residual operand is handed over in bf16, and no kernel is created for it: compiling a static
-graph or running a dynamic one fails with ``[CPU] Convolution node with name '…' object is not initialized``. The
-batch dimension (static or dynamic) and the residual ``Add``'s own mark do not matter; the ``ReLU``'s does.
+convolution carries the ``precise`` attribute (kept float32) and the ``ReLU`` does not, the merged node is still
+built in float32, but the runtime graph lacks the float32 reorder of its residual operand that the fully marked
+case has, and no kernel is created for it: compiling a static graph or running a dynamic one fails with
+``[CPU] Convolution node with name '…' object is not initialized``. The batch dimension (static or dynamic) and the
+residual ``Add``'s own mark do not matter; the ``ReLU``'s does. Without a residual ``Add`` nothing fails.
 
 The script builds three tiny graphs (``C×16×16`` features, weights random), tries **every** subset of float32
 marks on their layers, compiles each at the CPU's default precision and runs batch 1 and 8, once with the marks as

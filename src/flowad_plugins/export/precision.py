@@ -18,6 +18,12 @@ IR was converted from (``onnx_graph.float_tail_names``); the head's first non-co
 that the float32 region ends on nodes the plugin converts cleanly. The tail is found structurally: every node
 downstream of a reduction over the channel axis (``ReduceSum``/``ReduceMean`` over axis 1: the log-det and ``‖z‖²``
 sums of each flow), plus the elementwise node feeding each such reduction.
+
+Whatever is selected, ``mark_precise`` also marks the element-wise layers the CPU plugin fuses into a marked
+convolution (its residual ``Add`` and activation): a float32 mark that ends inside a fused Convolution + Add + ReLU
+leaves that node without a kernel on bf16 CPUs (``[CPU] Convolution node ... object is not initialized``, an
+OpenVINO CPU plugin defect reproduced by ``benchmarks/fused_precision_boundary.py``), which is what broke the
+ResNet backbones, whose last block ends so right before the head.
 """
 
 from __future__ import annotations
