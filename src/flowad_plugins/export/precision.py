@@ -18,6 +18,12 @@ IR was converted from (``onnx_graph.float_tail_names``); the head's first non-co
 that the float32 region ends on nodes the plugin converts cleanly. The tail is found structurally: every node
 downstream of a reduction over the channel axis (``ReduceSum``/``ReduceMean`` over axis 1: the log-det and ``‖z‖²``
 sums of each flow), plus the elementwise node feeding each such reduction.
+
+Whatever is selected, ``mark_precise`` also marks the element-wise layers the CPU plugin fuses into a marked
+convolution (its residual ``Add`` and activation): a float32 mark that ends inside a fused Convolution + Add + ReLU
+leaves that node without a kernel on bf16 CPUs (``[CPU] Convolution node ... object is not initialized``, an
+OpenVINO CPU plugin defect reproduced by ``benchmarks/fused_precision_boundary.py``), which is what broke the
+ResNet backbones, whose last block ends so right before the head.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ from flowad_plugins.edge.settings import PRECISE_ATTRIBUTE
 UNMARKED_TYPES = ("Const", "Parameter", "Result")
 CHANNEL_REDUCTIONS = ("ReduceSum", "ReduceMean")
 ELEMENTWISE_FEEDERS = ("Power", "Multiply", "Tanh", "Add", "Subtract", "Clamp", "Sigmoid", "Exp")
+# layers the CPU plugin merges element-wise successors into, and the IR types of those successors
+FUSING_PARENTS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+FUSED_ELEMENTWISE = ("Add", "Subtract", "Multiply", "Divide", "Maximum", "Minimum", "SquaredDifference", "ReLU",
+                     "PReLU", "Clamp", "Elu", "Gelu", "Sigmoid", "HSigmoid", "Swish", "HSwish", "Mish", "Tanh", "Exp",
+                     "Log", "Abs", "Sqrt", "Power", "SoftPlus", "Round", "Floor", "Ceiling", "Negative", "Erf")
 
 
 def _reduces_channels(node) -> bool:
@@ -64,16 +75,50 @@ def float32_tail(model) -> list:
     return sorted(marked.values(), key=lambda node: order.get(node.get_friendly_name(), 0))
 
 
-def mark_precise(xml_path: str | Path, select: Callable[[str, str], bool]) -> int:
+def fused_chain_ids(root, selected: set[str]) -> set[str]:
+    """Ids of the layers the CPU plugin fuses into a selected weighted layer, so that they take its precision.
+
+    ``root``: the IR's parsed XML root; ``selected``: layer ids to be kept float32. From every selected
+    ``FUSING_PARENTS`` layer the chain of element-wise layers that each have the previous one as their only consumer
+    (a convolution's bias, residual ``Add`` and activation, which the plugin merges into one node) is returned.
+    A float32 mark that stops inside such a chain leaves the merged node without an executor on bf16 CPUs
+    (``[CPU] Convolution node ... object is not initialized``; ``benchmarks/fused_precision_boundary.py``).
+    """
+    layers = {layer.get("id"): layer for layer in root.iter("layer")}
+    consumers: dict[str, list[str]] = {}
+    for edge in root.iter("edge"):
+        consumers.setdefault(edge.get("from-layer"), []).append(edge.get("to-layer"))
+    chained: set[str] = set()
+    for layer_id in selected:
+        if layers[layer_id].get("type") not in FUSING_PARENTS:
+            continue
+        current = layer_id
+        while len(consumers.get(current, [])) == 1:
+            current = consumers[current][0]
+            if layers[current].get("type") not in FUSED_ELEMENTWISE:
+                break
+            chained.add(current)
+    return chained
+
+
+def mark_precise(xml_path: str | Path, select: Callable[[str, str], bool], follow_fusion: bool = True) -> int:
     """Give every layer of the IR at ``xml_path`` for which ``select(name, type)`` holds the ``precise`` attribute,
-    in place; returns how many layers were marked (constants, parameters and results never are)."""
+    in place; returns how many layers were marked (constants, parameters and results never are).
+
+    ``follow_fusion``: also mark the element-wise layers the CPU plugin fuses into a selected convolution or MatMul
+    (``fused_chain_ids``), so that no selection can split a fused node between two precisions. ``False`` only
+    to reproduce that failure."""
     import xml.etree.ElementTree as ElementTree
 
     xml_path = Path(xml_path)
     tree = ElementTree.parse(xml_path)
+    selected = {layer.get("id") for layer in tree.getroot().iter("layer")
+                if layer.get("type") not in UNMARKED_TYPES and select(layer.get("name"), layer.get("type"))}
+    if follow_fusion:
+        selected |= fused_chain_ids(tree.getroot(), selected)
     marked = 0
     for layer in tree.getroot().iter("layer"):
-        if layer.get("type") in UNMARKED_TYPES or not select(layer.get("name"), layer.get("type")):
+        if layer.get("id") not in selected:
             continue
         rt_info = layer.find("rt_info")
         if rt_info is None:
