@@ -321,6 +321,69 @@ def trained(row: str, category: str, max_minutes: float, batch_size: int, save_t
     return model.eval(), data, info
 
 
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def markdown(results: dict) -> str:
+    """The test tables (shipped thresholds, drift) and the validation study, from ``results``."""
+    rows = results["rows"]
+    lines = ["# Decisions at the shipped thresholds, and under small drift", "",
+             f"`python benchmarks/decisions.py` (each row's command is in `decisions.json`); machine: "
+             f"{results['machine']}. Validation = 20 % of train/good + anomalib's synthetic anomalies (seed 0); "
+             "the test split is read once, through each model's own post-processor (what the checkpoint and IR ship).",
+             "", "## Test, at the shipped thresholds", "",
+             "| category | model | epochs | image AUROC | image F1 | false-alarm rate | defects flagged | pixel F1 | "
+             "normal images with a mask | median score normal / defective |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        clean = row["test"]["clean"]
+        lines.append(f"| {row['category']} | {row['row']} | {row['epochs_run']} | {clean['image_auroc']:.3f} | "
+                     f"{clean['f1']:.3f} | {clean['false_alarm_rate']:.2f} | {clean['flagged_defects']} | "
+                     f"{clean['pixel_f1']:.3f} | {clean['normal_images_with_mask']:.2f} | "
+                     f"{clean['median_score_normal']:.2f} / {clean['median_score_defective']:.2f} |")
+    lines += ["", "## Test, under drift: change of false-alarm rate (points) and image AUROC against clean", "",
+              "| category | model | " + " | ".join(CONDITIONS[1:]) + " |", "|---|---|" + "---|" * (len(CONDITIONS) - 1)]
+    for row in rows:
+        clean = row["test"]["clean"]
+        cells = []
+        for condition in CONDITIONS[1:]:
+            drift = row["test"].get(condition)
+            cells.append("–" if drift is None else
+                         f"{100 * (drift['false_alarm_rate'] - clean['false_alarm_rate']):+.0f} / "
+                         f"{drift['image_auroc'] - clean['image_auroc']:+.3f}")
+        lines.append(f"| {row['category']} | {row['row']} | " + " | ".join(cells) + " |")
+    studied = [row for row in rows if "validation" in row]
+    if studied:
+        categories = ", ".join(row["category"] + "/" + row["row"] for row in studied)
+        lines += ["", "## Validation: image-score variants (unseen normal images + local defects; never test)", "",
+                  f"Means over {categories}. Worst drift: the largest change against clean over ±2/255 brightness, "
+                  "±8 px shift and the bf16 backbone. F1 at the 5 % false-alarm-rate threshold (shipped rule) and at "
+                  "the F1-optimal threshold on anomalib's synthetic anomalies.", "",
+                  "| variant | image AUROC | worst Δ AUROC | worst Δ false-alarm rate (points) | false-alarm rate | "
+                  "F1, rate rule | F1, synthetic-F1 rule |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in studied[0]["validation"]["variants"]:
+            per_row = [row["validation"]["variants"][name] for row in studied]
+            clean = [v["clean"] for v in per_row]
+            worst_auroc = _mean([max(abs(v[c]["auroc"] - v["clean"]["auroc"]) for c in CONDITIONS[1:])
+                                 for v in per_row])
+            worst_rate = _mean([max(abs(v[c]["fpr_rule"]["false_alarm_rate"] - v["clean"]["fpr_rule"]
+                                        ["false_alarm_rate"]) for c in CONDITIONS[1:]) for v in per_row])
+            lines.append(f"| {name} | {_mean([c['auroc'] for c in clean]):.3f} | {worst_auroc:.3f} | "
+                         f"{100 * worst_rate:.0f} | {_mean([c['fpr_rule']['false_alarm_rate'] for c in clean]):.2f} | "
+                         f"{_mean([c['fpr_rule']['f1'] for c in clean]):.3f} | "
+                         f"{_mean([c['f1_rule']['f1'] for c in clean]):.3f} |")
+        pixel_rows = [row for row in studied if "pixel_f1" in row["validation"]]
+        lines += [] if not pixel_rows else ["", "Pixel F1 on the same validation images (masks on images labelled anomalous), per pixel rule:",
+                  "",
+                  "| category | model | " + " | ".join(pixel_rows[0]["validation"]["pixel_f1"]) + " |",
+                  "|---|---|" + "---:|" * len(pixel_rows[0]["validation"]["pixel_f1"])]
+        for row in pixel_rows:
+            lines.append(f"| {row['category']} | {row['row']} | "
+                         + " | ".join(f"{v:.3f}" for v in row["validation"]["pixel_f1"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -329,9 +392,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decisions")
     parser.add_argument("--save-checkpoints", type=Path, default=None, help="DIR/<Model>_<category>.ckpt (ours)")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json only")
     args = parser.parse_args()
     path = args.out.with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if args.markdown_only:
+        args.out.with_suffix(".md").write_text(markdown(results))
+        return
     results["machine"] = cpu_model()
     for category in args.categories:
         for row in args.rows:
@@ -346,6 +413,7 @@ def main() -> None:
             results["rows"] = [r for r in results["rows"] if (r["row"], r["category"]) != (row, category)] + [record]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(markdown(results))
             print(json.dumps(record["test"]["clean"], indent=None)[:600], flush=True)
 
 
