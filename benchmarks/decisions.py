@@ -374,7 +374,8 @@ def markdown(results: dict) -> str:
                          f"{_mean([c['fpr_rule']['f1'] for c in clean]):.3f} | "
                          f"{_mean([c['f1_rule']['f1'] for c in clean]):.3f} |")
         pixel_rows = [row for row in studied if "pixel_f1" in row["validation"]]
-        lines += [] if not pixel_rows else ["", "Pixel F1 on the same validation images (masks on images labelled anomalous), per pixel rule:",
+        lines += [] if not pixel_rows else [
+                  "", "Pixel F1 on the same validation images (masks on images labelled anomalous), per pixel rule:",
                   "",
                   "| category | model | " + " | ".join(pixel_rows[0]["validation"]["pixel_f1"]) + " |",
                   "|---|---|" + "---:|" * len(pixel_rows[0]["validation"]["pixel_f1"])]
