@@ -31,7 +31,7 @@ from harness.models import load_checkpoint
 from harness.timing import interleaved_wall_times, median_ms
 
 TOLERANCE = 0.005  # |Δ image AUROC| and |Δ pixel AUROC| against torch FP32
-VARIANTS = (("marked", "default"), ("marked", "f32"), ("unmarked", "default"))
+VARIANTS = (("marked", "default"), ("marked", "f32"), ("tail", "default"), ("unmarked", "default"))
 PRECISION_NAMES = {"<Type: 'bfloat16'>": "bf16", "<Type: 'float32'>": "f32", "<Type: 'float16'>": "f16"}
 
 
@@ -43,6 +43,17 @@ def unmarked_copy(xml: Path, target: Path) -> None:
             rt_info.remove(attribute)
     tree.write(target, encoding="utf-8", xml_declaration=True)
     target.with_suffix(".bin").write_bytes(xml.with_suffix(".bin").read_bytes())
+
+
+def tail_only_copy(xml: Path, target: Path) -> None:
+    """``xml`` with only its score tail marked float32 (backbone and flow head in the CPU's fast precision)."""
+    import openvino as ov
+
+    from flowad_plugins.export.precision import float32_tail, mark_precise
+
+    unmarked_copy(xml, target)
+    tail = {node.get_friendly_name() for node in float32_tail(ov.Core().read_model(target))}
+    mark_precise(target, lambda name, _: name in tail)
 
 
 def compile_config(hint: str) -> dict[str, str]:
@@ -98,6 +109,8 @@ def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
         xmls = {"marked": Path(model.to_openvino(folder / "marked", input_size=(size, size)))}
         xmls["unmarked"] = folder / "unmarked.xml"
         unmarked_copy(xmls["marked"], xmls["unmarked"])
+        xmls["tail"] = folder / "tail.xml"
+        tail_only_copy(xmls["marked"], xmls["tail"])
         np.save(folder / "images.npy", images.numpy())
         for variant, hint in VARIANTS:
             out = folder / f"{variant}_{hint}.npz"
@@ -129,7 +142,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}`",
         "",
         "`marked` = the IR as `to_openvino` writes it (backbone and score tail float32, flow head in the CPU's fast "
-        "precision); `unmarked` = the same IR without the marks. `default` = compiled with no configuration; `f32` "
+        "precision); `tail` = only the score tail float32 (backbone and head in the fast precision); `unmarked` = "
+        "the same IR without the marks. `default` = compiled with no configuration; `f32` "
         f"= `INFERENCE_PRECISION_HINT=f32`. Pass: |Δ image AUROC| and |Δ pixel AUROC| ≤ {TOLERANCE} against torch.",
         "",
         "| model | px | IR | compiled | image AUROC (Δ) | pixel AUROC (Δ) | max \\|Δscore\\| | labels ≠ | pass | "
