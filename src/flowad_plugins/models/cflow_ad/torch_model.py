@@ -122,7 +122,7 @@ class CflowADModel(nn.Module):
         flows on the maps themselves (``flows.map_flow_forward``: 1×1 convolutions with a per-position bias, no
         layout changes), which OpenVINO runs with fewer ops than the fiber form.
         """
-        # measured both ways: eager fibers 25–29 % faster than maps (flow_forms.md), OpenVINO maps faster
+        # measured both ways: eager fibers 18–30 % faster than maps (flow_forms.md), OpenVINO maps faster
         # (openvino_profile.md); the map form also keeps the eager step cache out of graphs
         if is_exporting():
             return [self._map_log_likelihood(layer, feature_map) for layer, feature_map in enumerate(features)]
