@@ -65,8 +65,6 @@ def test_cross_scale_flow_inverts_exactly(sizes: list[tuple[int, int]]) -> None:
     assert max((z - x).abs().max().item() for z, x in zip(zs, xs, strict=True)) > 1  # far from identity
     for x, x_back in zip(xs, flow.inverse(zs), strict=True):
         torch.testing.assert_close(x_back, x, atol=1e-8, rtol=1e-8)
-    _, log_det_back = flow(zs, rev=True)
-    torch.testing.assert_close(log_det_back, -log_det, atol=1e-8, rtol=0)
 
 
 def test_cross_scale_log_det_matches_autograd_jacobian() -> None:
@@ -92,10 +90,8 @@ def test_input_norm_standardises_the_first_batch_and_inverts() -> None:
     for x in normalised:
         torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0)
         torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(4, dtype=torch.float64), atol=1e-9, rtol=0)
-    back, log_det_back = flow.input_norm(normalised, rev=True)
-    for x, x_back in zip(xs, back, strict=True):
+    for x, x_back in zip(xs, flow.input_norm.inverse(normalised), strict=True):
         torch.testing.assert_close(x_back, x)
-    torch.testing.assert_close(log_det_back, -log_det)
     expected = sum(h * w * flow.input_norm.log_scale[i].sum() for i, (h, w) in enumerate([(8, 8), (4, 4), (2, 2)]))
     torch.testing.assert_close(log_det, expected.expand(4))
 

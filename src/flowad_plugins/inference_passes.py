@@ -43,6 +43,7 @@ def in_image_passes(forward: Callable[[torch.nn.Module, torch.Tensor], Inference
     @functools.wraps(forward)
     def run_in_passes(module: torch.nn.Module, images: torch.Tensor) -> InferenceBatch | object:
         pass_pixels = getattr(module, "inference_pass_pixels", None)
+        # correctness: a graph must take any batch size; splitting in Python would fix its batch count
         if module.training or not pass_pixels or is_exporting() or images.dim() != 4:
             return forward(module, images)
         per_pass = images_per_pass(images.shape[-2:], pass_pixels)

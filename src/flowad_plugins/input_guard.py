@@ -10,6 +10,9 @@ zeros (nothing non-finite reaches the other images or the graph's reductions) an
 and an anomaly map of ``+inf`` everywhere, so every threshold labels it anomalous and the whole mask is set. The
 rule is part of the forward, so the exported ONNX/OpenVINO graphs give the same outcome as torch. Eager calls also
 log a warning naming how many frames of the batch were affected, and why.
+
+``checks_images`` runs a torch model's own size check (``module.check_images``) before its forward, in train and
+eval mode, and never while a graph is captured (see ``checks_images``).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from flowad_plugins.tracing import is_exporting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "finite_frames", "flags_non_finite_frames", "plausible_frames",
-           "validated_input_size"]
+__all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "checks_images", "finite_frames", "flags_non_finite_frames",
+           "plausible_frames", "validated_input_size"]
 
 MAX_NORMALISED_PIXEL = 8.0
 
@@ -63,6 +66,7 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
         if module.training or images.dim() != 4:
             return forward(module, images)
         plausible = plausible_frames(images)
+        # correctness: reading a tensor's value in Python cannot be captured in a graph (the graph keeps the +inf rule)
         if not is_exporting() and not bool(plausible.all()):
             _warn_broken_frames(images, plausible)
         valid = plausible.view(-1, 1, 1, 1)
@@ -76,6 +80,22 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
         return result._replace(pred_score=torch.where(plausible, result.pred_score, infinity), anomaly_map=anomaly_map)
 
     return guarded
+
+
+def checks_images(forward: Callable[[torch.nn.Module, torch.Tensor], object]) -> Callable:
+    """Decorate a torch model's ``forward(images B×3×H×W)`` to call ``module.check_images(images)`` first.
+
+    The check raises a clear ``ValueError`` for a size the model cannot take. It is skipped while a graph is
+    captured: there the sizes may be symbolic (dynamic export), and a Python check on them would pin or reject them.
+    """
+
+    @functools.wraps(forward)
+    def checked(module: torch.nn.Module, images: torch.Tensor) -> object:
+        if not is_exporting():  # correctness: a Python check on symbolic sizes would specialise the exported graph
+            module.check_images(images)
+        return forward(module, images)
+
+    return checked
 
 
 def _warn_broken_frames(images: torch.Tensor, plausible: torch.Tensor) -> None:
@@ -92,7 +112,7 @@ def _warn_broken_frames(images: torch.Tensor, plausible: torch.Tensor) -> None:
 
 def check_channels(images: torch.Tensor) -> None:
     """Raise ``ValueError`` for a ``B×C×H×W`` batch whose ``C`` is neither 3 (RGB) nor 1 (grayscale, broadcast)."""
-    if images.dim() == 4 and images.shape[1] not in (1, 3) and not is_exporting():
+    if images.dim() == 4 and images.shape[1] not in (1, 3):
         msg = (f"images must have 3 (RGB) or 1 (grayscale) channels, got {images.shape[1]} channels "
                f"(shape {tuple(images.shape)}): convert RGBA or multi-spectral frames to RGB first.")
         raise ValueError(msg)

@@ -1,7 +1,9 @@
 """Whether the model is being captured as a graph (ONNX export, ``torch.export``, tracing, ``torch.compile``).
 
-Eager-only shortcuts (caches, data-dependent checks, shape-specialised fast paths) are skipped while capturing, so
-an exported graph stays general (dynamic batch) and never bakes in a cached tensor.
+A branch on it is kept only for correctness (caches that must not leak into a graph, Python checks on tensor values
+or sizes, batch splitting that would fix a dynamic batch) or for a measured gain (CflowAD's fiber vs map form), each
+with a one-line comment saying which; an exported graph stays general (dynamic batch) and never bakes in a cached
+tensor.
 """
 
 from __future__ import annotations

@@ -7,34 +7,30 @@ The flow acts jointly on ``S`` feature maps of one image at ``S`` scales, ``x_l:
     a_l ← a_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_1(b_0 … b_{S-1})
     b_l ← b_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_2(a_0 … a_{S-1})   (the updated a)
 
-with the soft clamp ``σ(s) = (2α/π)·atan(s/α)`` (|σ| < α). A subnet (``CrossScaleSubnet``) sees all scales
-at once: a per-scale conv to the hidden width, then per output scale the sum of a same-scale conv, a
-strided conv from the next finer scale and an (upsampled) conv from the next coarser scale. A learnable
-per-scale gain, initialised to 0, makes every block the identity at initialisation. A fixed random channel
-permutation (the same for all scales, seeded) precedes every block. The log-determinant is exact: the sum
+with the soft clamp ``σ(s) = (2α/π)·atan(s/α)`` (|σ| < α; the coupling maths is ``flows.affine``'s). A subnet
+(``CrossScaleSubnet``) sees all scales at once: a per-scale conv to the hidden width, then per output scale the sum
+of a same-scale conv, a strided conv from the next finer scale and an (upsampled) conv from the next coarser scale.
+A learnable per-scale gain, initialised to 0, makes every block the identity at initialisation. A fixed random
+channel permutation (the same for all scales, seeded) precedes every block. The log-determinant is exact: the sum
 of ``σ(s)`` over every transformed element.
 
 Optionally (default) a data-initialised per-channel affine (``MultiScaleActNorm``) standardises the features
 before the first block, so short CPU schedules start from ``N(0, 1)``-scaled inputs.
 
-``flow(xs) -> (zs, log|det J| B)``; ``flow.inverse(zs) -> xs``.
+``flow(xs) -> (zs, log|det J| B)``; ``flow.inverse(zs) -> xs`` (``xs``: one ``B×C×h_l×w_l`` map per scale).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flowad_plugins.flows.affine import affine_forward, affine_inverse, soft_clamp
+
 __all__ = ["CrossScaleCoupling", "CrossScaleFlow", "CrossScaleSubnet", "MultiScaleActNorm", "soft_clamp"]
-
-
-def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """CS-Flow's soft clamp ``(2α/π)·atan(s/α)``: smooth, ≈ ``s`` near 0, bounded by ``±α``."""
-    return (2 * alpha / math.pi) * torch.atan(s / alpha)
 
 
 class CrossScaleSubnet(nn.Module):
@@ -105,34 +101,34 @@ class CrossScaleCoupling(nn.Module):
         self.subnet_a = CrossScaleSubnet(rest, 2 * self.split, hidden_channels, kernel_size, num_scales)
         self.subnet_b = CrossScaleSubnet(self.split, 2 * rest, hidden_channels, kernel_size, num_scales)
 
-    def _affine(
-        self, subnet: CrossScaleSubnet, condition: list[torch.Tensor], targets: list[torch.Tensor], rev: bool
+    def _couple(
+        self, subnet: CrossScaleSubnet, condition: list[torch.Tensor], targets: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Transform ``targets`` with scale/shift from ``subnet(condition)``; return them and Σσ(s) per image."""
+        """``targets`` transformed with the coefficients ``subnet(condition)``, and their log|det J| ``B``."""
         outputs, log_det = [], torch.zeros((), device=targets[0].device, dtype=targets[0].dtype)
-        for params, target in zip(subnet(condition), targets, strict=True):
-            log_scale, shift = params.chunk(2, dim=1)
-            log_scale = soft_clamp(log_scale, self.clamp_alpha)
-            if rev:
-                outputs.append((target - shift) * torch.exp(-log_scale))
-            else:
-                outputs.append(target * torch.exp(log_scale) + shift)
+        for coefficients, target in zip(subnet(condition), targets, strict=True):
+            output, log_scale = affine_forward(target, coefficients, self.clamp_alpha, soft_clamp)
+            outputs.append(output)
             log_det = log_det + log_scale.flatten(1).sum(dim=1)
         return outputs, log_det
 
-    def forward(self, inputs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``inputs[l]``: ``B×C×h_l×w_l`` → (outputs of the same shapes, log|det J| ``B``; negated when ``rev``)."""
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``inputs[l]``: ``B×C×h_l×w_l`` → (outputs of the same shapes, log|det J| ``B``)."""
         a = [x[:, : self.split] for x in inputs]
         b = [x[:, self.split :] for x in inputs]
-        if not rev:
-            a, log_det_a = self._affine(self.subnet_a, b, a, rev=False)
-            b, log_det_b = self._affine(self.subnet_b, a, b, rev=False)
-            log_det = log_det_a + log_det_b
-        else:
-            b, log_det_b = self._affine(self.subnet_b, a, b, rev=True)
-            a, log_det_a = self._affine(self.subnet_a, b, a, rev=True)
-            log_det = -(log_det_a + log_det_b)
-        return [torch.cat(pair, dim=1) for pair in zip(a, b, strict=True)], log_det
+        a, log_det_a = self._couple(self.subnet_a, b, a)
+        b, log_det_b = self._couple(self.subnet_b, a, b)
+        return [torch.cat(pair, dim=1) for pair in zip(a, b, strict=True)], log_det_a + log_det_b
+
+    def inverse(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``inputs`` with ``forward(inputs)[0] == outputs``."""
+        a = [y[:, : self.split] for y in outputs]
+        b = [y[:, self.split :] for y in outputs]
+        b = [affine_inverse(y, coefficients, self.clamp_alpha, soft_clamp)
+             for y, coefficients in zip(b, self.subnet_b(a), strict=True)]
+        a = [affine_inverse(y, coefficients, self.clamp_alpha, soft_clamp)
+             for y, coefficients in zip(a, self.subnet_a(b), strict=True)]
+        return [torch.cat(pair, dim=1) for pair in zip(a, b, strict=True)]
 
 
 class MultiScaleActNorm(nn.Module):
@@ -158,18 +154,32 @@ class MultiScaleActNorm(nn.Module):
             self.log_scale[scale].copy_(-values.std(dim=1).clamp_min(1e-6).log())
         self.initialized.fill_(True)
 
-    def forward(self, inputs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``inputs[l]``: ``B×C×h_l×w_l`` → (same shapes, log|det J| ``B``; negated when ``rev``)."""
-        if self.training and not rev and not bool(self.initialized):
+    def _affine(self, scale: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_scale, bias)`` of ``scale`` as ``1×C×1×1`` in ``like``'s dtype."""
+        return (self.log_scale[scale].to(like.dtype)[None, :, None, None],
+                self.bias[scale].to(like.dtype)[None, :, None, None])
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``inputs[l]``: ``B×C×h_l×w_l`` → (``(x + b)·exp(s)`` of the same shapes, log|det J| ``B``).
+
+        The first call in training mode initialises ``b`` and ``s`` from ``inputs``.
+        """
+        if self.training and not bool(self.initialized):
             self.initialize(inputs)
         outputs, log_det = [], torch.zeros((), device=inputs[0].device, dtype=inputs[0].dtype)
         for scale, x in enumerate(inputs):
-            log_scale = self.log_scale[scale].to(x.dtype)[None, :, None, None]
-            bias = self.bias[scale].to(x.dtype)[None, :, None, None]
-            outputs.append(x * torch.exp(-log_scale) - bias if rev else (x + bias) * torch.exp(log_scale))
+            log_scale, bias = self._affine(scale, x)
+            outputs.append((x + bias) * torch.exp(log_scale))
             log_det = log_det + x.shape[-2] * x.shape[-1] * log_scale.sum()
-        log_det = log_det.expand(inputs[0].shape[0])
-        return outputs, -log_det if rev else log_det
+        return outputs, log_det.expand(inputs[0].shape[0])
+
+    def inverse(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``inputs`` with ``forward(inputs)[0] == outputs``."""
+        inputs = []
+        for scale, y in enumerate(outputs):
+            log_scale, bias = self._affine(scale, y)
+            inputs.append(y * torch.exp(-log_scale) - bias)
+        return inputs
 
 
 class CrossScaleFlow(nn.Module):
@@ -235,30 +245,27 @@ class CrossScaleFlow(nn.Module):
             msg = f"Expected {self.num_scales} maps B×{self.channels}×h×w (fine to coarse), got shapes {shapes}."
             raise ValueError(msg)
 
-    def forward(self, inputs: Sequence[torch.Tensor], rev: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Map features to latents (``rev=False``) or latents to features (``rev=True``), with log|det J| ``B``."""
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features ``[B×C×h_l×w_l]`` (fine to coarse) → ``(latents`` of the same shapes, ``log|det J|`` ``B)``."""
         self._check_inputs(inputs)
         values = list(inputs)
         log_det = torch.zeros(values[0].shape[0], device=values[0].device, dtype=values[0].dtype)
-        if not rev:
-            if self.input_norm is not None:
-                values, log_det = self.input_norm(values)
-            for permutation, block in zip(self.permutations, self.blocks, strict=True):
-                values, block_log_det = block([x[:, permutation] for x in values])
-                log_det = log_det + block_log_det
-        else:
-            for inverse, block in zip(reversed(self.inverse_permutations), reversed(self.blocks), strict=True):
-                values, block_log_det = block(values, rev=True)
-                values = [x[:, inverse] for x in values]
-                log_det = log_det + block_log_det
-            if self.input_norm is not None:
-                values, norm_log_det = self.input_norm(values, rev=True)
-                log_det = log_det + norm_log_det
+        if self.input_norm is not None:
+            values, log_det = self.input_norm(values)
+        for permutation, block in zip(self.permutations, self.blocks, strict=True):
+            values, block_log_det = block([x[:, permutation] for x in values])
+            log_det = log_det + block_log_det
         return values, log_det
 
     def inverse(self, latents: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Features ``[B×C×h_l×w_l]`` whose latents are ``latents``."""
-        return self(latents, rev=True)[0]
+        self._check_inputs(latents)
+        values = list(latents)
+        for inverse, block in zip(reversed(self.inverse_permutations), reversed(self.blocks), strict=True):
+            values = [x[:, inverse] for x in block.inverse(values)]
+        if self.input_norm is not None:
+            values = self.input_norm.inverse(values)
+        return values
 
 
 def _check_int_at_least(**values: tuple[int, int]) -> None:

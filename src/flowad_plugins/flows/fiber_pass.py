@@ -3,12 +3,13 @@
 The condition of a fiber is the positional encoding of its position, so a subnet's first layer
 ``W·[x₁; c] + b = W_x·x₁ + (W_c·c + b)`` repeats the same ``W_c·c + b`` for every image at a position.
 ``fold_conditional_flow`` prepares each ``AffineCouplingBlock`` of the flow for a ``T×P`` condition table:
-``W_c·c + b`` once per table row (``T×hidden``), the 0.1 damping folded into the last subnet layer, and the global
-affine folded into the mixing matrix, so a block is the coupling and one mixing product. ``fiber_flow_forward``
-runs fibers ``N×C`` (gathering the condition term per fiber, or broadcasting it over whole maps);
-``map_flow_forward`` runs whole maps ``B×C×h×w`` as 1×1 convolutions with the condition term as a per-position
-bias (the form exported graphs use: no layout changes between the backbone and the flow). All equal
-``flow(fibers, condition)``; the inverse stays ``flow.inverse``.
+``W_c·c + b`` once per table row (``T×hidden``), the block's ``COEFFICIENT_SCALE`` folded into the last subnet layer,
+and the global affine folded into the mixing matrix (``AffineCouplingBlock.mixing_affine``), so a step is the
+coupling (``flows.affine``) and one mixing product. ``fiber_flow_forward`` runs fibers ``N×C`` (gathering the
+condition term per fiber, or broadcasting it over whole maps); ``map_flow_forward`` runs whole maps ``B×C×h×w`` as
+1×1 convolutions with the condition term as a per-position bias. Both equal ``flow(fibers, condition)``; the
+inverse stays ``flow.inverse``. The log-scale clamp is evaluated as ``Tanh`` here (OpenVINO runs it faster on
+CFLOW's steps: ``benchmarks/results/openvino_profile.md``; eager time equal within the noise: ``flow_forms.md``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from flowad_plugins.flows.affine_coupling import AffineCouplingBlock, CouplingFlow, clamped_log_scale
-from flowad_plugins.tracing import is_exporting
+from flowad_plugins.flows.affine import affine_forward, tanh_clamp
+from flowad_plugins.flows.affine_coupling import COEFFICIENT_SCALE, AffineCouplingBlock, CouplingFlow
 
 
 @dataclass
@@ -29,8 +30,8 @@ class FiberStep:
 
     ``condition_term`` (``T×hidden``) is ``W_c·c + b`` of the subnet's first layer per table row; ``input_weight``
     (``hidden×C₁``) its ``x₁`` part; ``middle`` the subnet's layers between first and last; ``output_weight`` /
-    ``output_bias`` the last layer with the 0.1 damping folded in; ``mixing_weight`` (``C×C``) / ``mixing_bias``
-    the global affine and channel mixing as one linear map; ``log_det_constant`` the global affine's ``Σ log g``.
+    ``output_bias`` the last layer times ``COEFFICIENT_SCALE``; ``mixing_weight`` (``C×C``) / ``mixing_bias`` the
+    global affine and channel mixing as one linear map; ``log_det_constant`` the global affine's ``Σ log g``.
     """
 
     splits: tuple[int, int]
@@ -45,16 +46,12 @@ class FiberStep:
     log_det_constant: torch.Tensor
 
     def coupling(self, x: torch.Tensor, hidden: torch.Tensor, product: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Finish the step from the first layer's output ``hidden`` → ``(y, log-det per position)``."""
-        for index, layer in enumerate(self.middle):
-            # the first layer's output is fresh and not saved by autograd: a ReLU right after it may overwrite it
-            in_place = index == 0 and isinstance(layer, nn.ReLU) and not is_exporting()
-            hidden = F.relu(hidden, inplace=True) if in_place else layer(hidden)
+        """Finish the step on ``x`` from the first layer's output ``hidden`` → ``(y, log-det per position)``."""
+        for layer in self.middle:
+            hidden = layer(hidden)
         coefficients = _product(hidden, self.output_weight, self.output_bias, product)
         x1, x2 = torch.split(x, self.splits, dim=1)
-        passive = self.splits[1]
-        log_scale = clamped_log_scale(coefficients[:, :passive], self.clamp, tanh_when_exporting=True)
-        x2 = torch.addcmul(coefficients[:, passive:], x2, torch.exp(log_scale))
+        x2, log_scale = affine_forward(x2, coefficients, self.clamp, tanh_clamp)
         y = _product(torch.cat((x1, x2), dim=1), self.mixing_weight, self.mixing_bias, product)
         return y, log_scale.sum(dim=1) + self.log_det_constant
 
@@ -84,21 +81,19 @@ def fold_conditional_flow(flow: CouplingFlow, condition_table: torch.Tensor) -> 
         block = _check_block(module)
         first, *middle, last = block.subnet
         split = block.splits[0]
-        scale = block.global_scale_factor().reshape(1, -1)  # 1×C
-        mixing = block.w_perm.reshape(block.channels, block.channels)
         bias = last.bias if last.bias is not None else last.weight.new_zeros(last.weight.shape[0])
+        mixing_weight, mixing_bias = block.mixing_affine()
         steps.append(FiberStep(
             splits=block.splits,
             clamp=block.clamp,
             input_weight=first.weight[:, :split].contiguous(),
             condition_term=F.linear(condition_table, first.weight[:, split:], first.bias),
             middle=list(middle),
-            output_weight=0.1 * last.weight,
-            output_bias=0.1 * bias,
-            # (y·g + o)·Pᵀ = y·(P·diag g)ᵀ + o·Pᵀ
-            mixing_weight=mixing * scale,
-            mixing_bias=F.linear(block.global_offset.reshape(1, -1), mixing).reshape(-1),
-            log_det_constant=torch.log(scale).sum(),
+            output_weight=COEFFICIENT_SCALE * last.weight,
+            output_bias=COEFFICIENT_SCALE * bias,
+            mixing_weight=mixing_weight,
+            mixing_bias=mixing_bias,
+            log_det_constant=block.log_det_constant(),
         ))
     return steps
 
@@ -123,13 +118,10 @@ def fiber_flow_forward(
         raise ValueError(msg)
     if steps is None:
         steps = fold_conditional_flow(flow, condition_table)
-    single_map = condition_index is None and not is_exporting() and fibers.shape[0] == rows
     x, log_det = fibers, None
     for step in steps:
         x1 = x[:, : step.splits[0]]
-        if single_map:  # one map: the condition term is the bias of one addmm
-            hidden = torch.addmm(step.condition_term, x1, step.input_weight.t())
-        elif condition_index is None:
+        if condition_index is None:
             hidden = F.linear(x1, step.input_weight)  # the linear's own output: safe to update in place
             hidden.view(-1, rows, hidden.shape[1]).add_(step.condition_term)
         else:

@@ -19,7 +19,7 @@ from flowad_plugins.flows import (
     map_flow_forward,
 )
 from flowad_plugins.inference_passes import in_image_passes
-from flowad_plugins.input_guard import flags_non_finite_frames
+from flowad_plugins.input_guard import checks_images, flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 from flowad_plugins.tracing import is_exporting
@@ -90,8 +90,9 @@ class CflowADModel(nn.Module):
 
         ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional
         condition is projected once per position (``flows.fiber_flow_forward``), not per fiber; without
-        gradients the projection is cached until the decoder's parameters change. The flow runs in
-        float32 even under autocast (``flowad_plugins.precision``).
+        gradients the projection is cached until the decoder's parameters change (eager only: exported graphs
+        take ``log_likelihood_maps``' map form, which never reads the cache). The flow runs in float32 even under
+        autocast (``flowad_plugins.precision``).
         """
         with float32_region(fibers.device.type):
             return self._fiber_log_likelihood(layer, as_float32(fibers), positions, map_size)
@@ -102,7 +103,7 @@ class CflowADModel(nn.Module):
         decoder = self.decoders[layer]
         table = self.positional_encoding(*map_size, device=fibers.device)
         steps = None
-        if not torch.is_grad_enabled() and not is_exporting():
+        if not torch.is_grad_enabled():
             versions = tuple(parameter._version for parameter in decoder.parameters())
             key = (layer, *map_size, str(fibers.device), fibers.dtype)
             cached = self._condition_cache.get(key)
@@ -121,6 +122,8 @@ class CflowADModel(nn.Module):
         flows on the maps themselves (``flows.map_flow_forward``: 1×1 convolutions with a per-position bias, no
         layout changes), which OpenVINO runs with fewer ops than the fiber form.
         """
+        # measured both ways: eager fibers 18–30 % faster than maps (flow_forms.md), OpenVINO maps faster
+        # (openvino_profile.md); the map form also keeps the eager step cache out of graphs
         if is_exporting():
             return [self._map_log_likelihood(layer, feature_map) for layer, feature_map in enumerate(features)]
         maps = []
@@ -145,12 +148,15 @@ class CflowADModel(nn.Module):
         z, log_det = map_flow_forward(fold_conditional_flow(self.decoders[layer], table), as_float32(feature_map))
         return gaussian_log_likelihood(z, log_det)
 
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ``ValueError`` when the encoder cannot take images of this size (``B×3×H×W``)."""
+        self.encoder.check_input_size(tuple(images.shape[-2:]))
+
+    @checks_images
     @in_image_passes
     @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: the encoder's feature maps."""
-        if not is_exporting():
-            self.encoder.check_input_size(tuple(images.shape[-2:]))
         if self.training:
             return self.encoder(images)
         with torch.no_grad():

@@ -13,10 +13,9 @@ from torch.nn import functional as F
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import CrossScaleFlow
 from flowad_plugins.inference_passes import in_image_passes
-from flowad_plugins.input_guard import flags_non_finite_frames
+from flowad_plugins.input_guard import checks_images, flags_non_finite_frames
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
-from flowad_plugins.tracing import is_exporting
 
 
 class CSFlowModel(nn.Module):
@@ -125,12 +124,15 @@ class CSFlowModel(nn.Module):
         no_log_det = torch.zeros(())
         return [gaussian_log_likelihood(z, no_log_det.to(z.device), with_constant=False) for z in latents]
 
+    def check_images(self, images: torch.Tensor) -> None:
+        """``check_input_size`` of images ``B×3×H×W``."""
+        self.check_input_size(images.shape[-2:])
+
+    @checks_images
     @in_image_passes
     @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
-        if not is_exporting():
-            self.check_input_size(images.shape[-2:])
         features = [as_float32(feature) for feature in self.features(images)]  # flow in float32 under autocast
         with float32_region(images.device.type):
             if self.training:

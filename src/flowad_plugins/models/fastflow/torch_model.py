@@ -13,10 +13,9 @@ from torch import nn
 from flowad_plugins.backbones import FeatureExtractor
 from flowad_plugins.flows import conv_flow
 from flowad_plugins.inference_passes import in_image_passes
-from flowad_plugins.input_guard import flags_non_finite_frames, validated_input_size
+from flowad_plugins.input_guard import checks_images, flags_non_finite_frames, validated_input_size
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
-from flowad_plugins.tracing import is_exporting
 
 # The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
 PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
@@ -164,33 +163,26 @@ class FastFlowModel(nn.Module):
                    "(the normalisation layers have the feature shapes of that size); resize to it.")
             raise ValueError(msg)
 
-    def flow_outputs(
-        self,
-        images: torch.Tensor,
-        with_log_det: bool = True,
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l or None)]`` for images ``B×3×H×W``.
+    def flow_outputs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[(z_l B×C_l×h_l×w_l, per-position log|det J| B×h_l×w_l)]`` for images ``B×3×H×W``.
 
         Under autocast only the backbone runs in reduced precision; norms and flows stay float32.
         """
         features = self.encoder(images)
         with float32_region(images.device.type):
-            return [flow(norm(as_float32(feature)).contiguous(), with_log_det=with_log_det)
+            return [flow(norm(as_float32(feature)).contiguous())
                     for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
 
-    def log_likelihood_map(self, z: torch.Tensor, log_det: torch.Tensor | None) -> torch.Tensor:
-        """Per-position log-likelihood per dimension ``B×h×w`` used for the anomaly map."""
-        if self.map_log_det and log_det is None:
-            msg = "map_log_det=True needs the per-position log-det; call flow_outputs(images, with_log_det=True)."
-            raise ValueError(msg)
+    def log_likelihood_map(self, z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+        """Per-position log-likelihood per dimension ``B×h×w`` used for the anomaly map (``map_log_det``: with the
+        per-position log-det ``B×h×w``)."""
         return gaussian_log_likelihood(z, log_det if self.map_log_det else torch.zeros((), device=z.device))
 
+    @checks_images
     @in_image_passes
     @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | list[tuple[torch.Tensor, torch.Tensor]]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``flow_outputs(images)``."""
-        if not is_exporting():
-            self.check_images(images)
         if self.training:
             return self.flow_outputs(images)
         with torch.no_grad():
@@ -198,5 +190,5 @@ class FastFlowModel(nn.Module):
 
     def likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-scale log-likelihood maps ``B×h_l×w_l`` of images ``B×3×H×W`` (what the scorer combines)."""
-        outputs = self.flow_outputs(images, with_log_det=self.map_log_det)
+        outputs = self.flow_outputs(images)
         return [self.log_likelihood_map(z, log_det) for z, log_det in outputs]
