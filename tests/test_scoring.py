@@ -198,3 +198,12 @@ def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> N
     assert torch.all(normalized[1:] > normalized[:-1])
     assert torch.all((normalized > 0) & (normalized < 1))
     assert normalized[5].item() == 0.5
+
+
+def test_without_per_position_the_score_is_the_plain_maximum_and_nothing_is_fitted() -> None:
+    torch.manual_seed(0)
+    maps = [torch.randn(2, 8, 8)]
+    scorer = fitted_scorer(1, "standardized", per_position=False)
+    scorer.positions.fit([scorer.score_map(maps, (8, 8))])  # even if fitted, they are not used
+    output = scorer(maps, (8, 8))
+    torch.testing.assert_close(output.pred_score, output.anomaly_map.flatten(1).amax(dim=1))

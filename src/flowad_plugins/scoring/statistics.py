@@ -191,7 +191,8 @@ class NormalStatisticsLifeCycle(Callback):
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pl_module.model.scorer.statistics.commit()
-        if trainer.state.fn == TrainerFn.FITTING and is_last_validation_of_fit(trainer):
+        if (pl_module.model.scorer.per_position and trainer.state.fn == TrainerFn.FITTING
+                and is_last_validation_of_fit(trainer)):
             fit_position_statistics(pl_module, trainer.train_dataloader)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -200,5 +201,6 @@ class NormalStatisticsLifeCycle(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A fit without validation fits the position statistics here, so the kept model scores as any other."""
-        if not pl_module.model.scorer.positions.fitted and pl_module.model.scorer.statistics.fitted:
+        scorer = pl_module.model.scorer
+        if scorer.per_position and not scorer.positions.fitted and scorer.statistics.fitted:
             fit_position_statistics(pl_module, trainer.train_dataloader)
