@@ -90,6 +90,17 @@ def score_maps(model, inputs: torch.Tensor, condition: str) -> torch.Tensor:
         return model.model.scorer.score_map(model.model.likelihood_maps(inputs), inputs.shape[-2:]).float()
 
 
+def shifted_copies(maps: torch.Tensor, shift: int) -> torch.Tensor:
+    """``maps`` (``B×1×H×W``) and its copies shifted by ``shift`` pixels along each axis and diagonal (borders
+    replicated): ``9B×1×H×W`` (the jitter variants)."""
+    if shift <= 0:
+        return maps
+    padded = F.pad(maps, (shift, shift, shift, shift), mode="replicate")
+    height, width = maps.shape[-2:]
+    return torch.cat([padded[..., shift + dy: shift + dy + height, shift + dx: shift + dx + width]
+                      for dy in (-shift, 0, shift) for dx in (-shift, 0, shift)])
+
+
 def variant_statistics(train_maps: torch.Tensor) -> dict[str, PositionStatistics | None]:
     statistics = {}
     for name, setting in VARIANTS.items():
@@ -97,7 +108,8 @@ def variant_statistics(train_maps: torch.Tensor) -> dict[str, PositionStatistics
             statistics[name] = None
             continue
         fitted = PositionStatistics()
-        fitted.fit(train_maps.split(16), shrink=setting[0], jitter=setting[1])
+        shift = round(setting[1] * min(train_maps.shape[-2:]))
+        fitted.fit((shifted_copies(batch, shift) for batch in train_maps.split(16)), shrink=setting[0])
         statistics[name] = fitted
     return statistics
 
@@ -411,8 +423,11 @@ def main() -> None:
             record = {"row": row, "category": category, **info,
                       "command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:]),
                       "test": test_readout(model, data, ours)}
+            previous = next((r for r in results["rows"] if (r["row"], r["category"]) == (row, category)), {})
             if ours and row in args.validation_rows:
                 record["validation"] = validation_study(model, data)
+            elif "validation" in previous:  # the study of an earlier run (it scores every variant itself)
+                record["validation"] = previous["validation"]
             results["rows"] = [r for r in results["rows"] if (r["row"], r["category"]) != (row, category)] + [record]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1) + "\n")

@@ -18,9 +18,7 @@ def threshold_summary(report: dict[str, Any]) -> str:
         entry = report.get(level)
         if entry is None:
             continue
-        if entry["source"] == "f1":
-            line = f"  {level}: F1-optimal raw threshold {entry['raw_threshold']:.6g} (no {level}_fpr given)"
-        elif entry["source"] == "fpr_gaussian":
+        if entry["source"] == "fpr_gaussian":
             line = (f"  {level}: false-alarm rate {entry['fpr']:.3%} (default) -> raw threshold "
                     f"{entry['raw_threshold']:.6g} (mean + {_z(entry['fpr']):.2f} std of {entry['samples']} normal "
                     f"scores: too few for an order statistic, which needs {entry['needed']})")
@@ -36,7 +34,7 @@ def threshold_summary(report: dict[str, Any]) -> str:
             else:
                 line += (f" (validation pixel rate {entry['validation_fpr']:.3%} ± "
                          f"{entry['validation_fpr_se']:.3%} across images)")
-        if entry["source"] != "f1" and entry["f1_threshold"] is not None:
+        if entry["f1_threshold"] is not None:
             line += f"; F1-optimal {entry['f1_threshold']:.6g} (not used)"
         lines.append(line)
     return "\n".join(lines)
@@ -48,7 +46,7 @@ def _z(rate: float) -> float:
     return float(norm.ppf(1.0 - rate))
 
 
-MIN_SYNTHETIC_ANOMALIES = 10  # fewer anomalous validation images make the pixel F1 threshold a guess
+MIN_NORMAL_IMAGES_FOR_PIXELS = 10  # pixels of one image are correlated: fewer images make the pixel rate a guess
 
 
 def threshold_warnings(report: dict[str, Any]) -> list[str]:
@@ -62,13 +60,10 @@ def threshold_warnings(report: dict[str, Any]) -> list[str]:
             f"{image['fpr']:.0%} false-alarm rate without assuming a distribution): the rate you get on the line may "
             "be several times higher or lower. Add normal images or raise val_split_ratio (each held-out normal "
             "image counts), or check the rate on a day of production images before relying on the labels.")
-    pixel = report.get("pixel", {})
-    anomalous = report.get("anomalous_images", 0)
-    if pixel.get("source") == "f1" and anomalous < MIN_SYNTHETIC_ANOMALIES:
+    if report.get("pixel", {}).get("source") == "fpr_default" and normal < MIN_NORMAL_IMAGES_FOR_PIXELS:
         warnings.append(
-            f"The pixel threshold is F1-optimal on only {anomalous} anomalous validation images: masks may be too "
-            "large or too small. Raise val_split_ratio, or give pixel_fpr (e.g. 0.001) to set it from normal "
-            "images instead.")
+            f"The pixel threshold rests on the pixels of only {normal} normal validation images: masks may be too "
+            f"large or too small. Hold out at least {MIN_NORMAL_IMAGES_FOR_PIXELS} normal images (val_split_ratio).")
     return warnings
 
 

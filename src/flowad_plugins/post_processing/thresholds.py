@@ -106,17 +106,14 @@ def level_threshold_report(
 ) -> dict[str, Any]:
     """Threshold report of one level (``"image"``: scores ``(n,)``; ``"pixel"``: maps ``(n, P)``).
 
-    Image: the requested rate, else ``default``, from the normal validation scores (an order statistic, or
-    ``gaussian_threshold`` when too few images support the default rate); the F1-optimal threshold on validation
-    anomalies is reported alongside, never used (synthetic anomalies are larger than real ones: it misses defects).
-    Pixel: the requested rate; else the F1-optimal threshold when validation holds anomalies; else ``default``.
+    Both levels: the requested rate, else ``default``, from the normal validation values (an order statistic; for
+    the image level ``gaussian_threshold`` when too few images support the default rate). The F1-optimal threshold
+    on validation anomalies is reported alongside, never used: on validation of unseen normal images and small
+    defects the rate rules labelled and masked at least as well (``docs/selection.md``).
     The entry holds the source (``fpr``, ``fpr_default``, ``fpr_gaussian``, ``f1``, ``none``), rate, raw threshold,
     rank and expected rate (image) or the validation rate and its standard error across images (pixel).
     """
     entry: dict[str, Any] = {"requested_fpr": requested, "f1_threshold": f1_threshold}
-    if level == "pixel" and requested is None and f1_threshold is not None:
-        entry.update(source="f1", fpr=None, raw_threshold=f1_threshold)
-        return entry
     if normal_images == 0:
         entry.update(source="none", fpr=None, raw_threshold=None)
         return entry
