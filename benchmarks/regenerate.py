@@ -1,8 +1,8 @@
 r"""Regenerate every number README.md and docs/ report: run the measurement scripts, then rewrite the copied tables.
 
 Each step is one command of a script in ``benchmarks/``; it writes the result files named in its ``writes`` and those
-files are what the README and docs cite. Steps that need trained checkpoints take them from the ``checkpoints`` group
-(written under ``--work-dir``, never committed). After the steps, the tables copied into README.md and docs/ (between
+files are what the README and docs cite. Steps that need trained checkpoints take them from the ``checkpoints``
+group (``decisions.py``, written under ``--work-dir``, never committed). After the steps, the tables copied into README.md and docs/ (between
 their ``<!-- … -->`` markers, ``harness.tables``) are rewritten from the new results. Prose figures around them are
 not: ``--dry-run`` lists which document cites each file, to re-read after a run.
 
@@ -57,7 +57,7 @@ def steps(work_dir: Path) -> list[Step]:
              ("README.md (accuracy table)", "docs/results.md")),
         Step("accuracy", ("benchmarks/maps_figure.py",), (f"{R}/bottle/anomaly_maps.png",),
              ("README.md", "docs/results.md")),
-        Step("decisions", ("benchmarks/decisions.py", "--save-checkpoints", str(ckpt)),
+        Step("checkpoints", ("benchmarks/decisions.py", "--save-checkpoints", str(ckpt)),
              (f"{R}/decisions.json", f"{R}/decisions.md", f"{ckpt}/<Model>_<category>.ckpt"),
              ("README.md (decisions table)", "docs/selection.md", "docs/thresholds.md")),
         Step("tire", ("benchmarks/checkpoint_maps.py", "--category", "tire", "--checkpoint",
@@ -91,8 +91,8 @@ def steps(work_dir: Path) -> list[Step]:
         Step("training", ("benchmarks/training_epochs.py", "--config", "configs/csflow_efficientnet_lite0.yaml",
                           "--batch-size", "8", "--epochs", "3", "--out", f"{R}/training_epochs_csflow.json"),
              (f"{R}/training_epochs_csflow.md",), ("README.md", "docs/results.md")),
-        Step("training", ("benchmarks/thresholds_bottle.py", "--work-dir", str(work_dir / "thresholds")),
-             (f"{R}/thresholds_bottle.md",), ("README.md", "docs/thresholds.md")),
+        Step("checkpoints", ("benchmarks/readme_recipe.py",), (f"{R}/readme_recipe.json", f"{R}/readme_recipe.md"),
+             ("README.md", "docs/thresholds.md")),
         Step("scale-out", ("benchmarks/large_images.py",), (f"{R}/large_images_cpu.md",), ("docs/scale_out.md",)),
         Step("scale-out", ("benchmarks/mixed_precision.py", "--models", *models), (f"{R}/bf16_summary.md",),
              ("docs/scale_out.md",)),
