@@ -3,8 +3,8 @@ r"""Regenerate every number README.md and docs/ report: run the measurement scri
 Each step is one command of a script in ``benchmarks/``; it writes the result files named in its ``writes`` and those
 files are what the README and docs cite. Steps that need trained checkpoints take them from the ``checkpoints``
 group (``decisions.py``, written under ``--work-dir``, never committed). After the steps, the tables copied into
-README.md and docs/ (between their ``<!-- … -->`` markers, ``harness.tables``) are rewritten from the new results. Prose figures around them are
-not: ``--dry-run`` lists which document cites each file, to re-read after a run.
+README.md and docs/ (between their ``<!-- … -->`` markers, ``harness.tables``) are rewritten from the new results.
+Prose figures around them are not: ``--dry-run`` lists which document cites each file, to re-read after a run.
 
     python benchmarks/regenerate.py --dry-run                 # what would run, in order, and what each writes
     OMP_NUM_THREADS=2 python benchmarks/regenerate.py         # everything: several hours on 2 CPU cores
