@@ -144,11 +144,13 @@ def test_anomalies_in_validation_give_f1_alongside_but_the_image_threshold_comes
     assert float(by_rate._image_threshold) == pytest.approx(report["image"]["raw_threshold"])
     assert "F1-optimal" in by_rate.summary() and "(not used)" in by_rate.summary()
 
-    # no rate given, anomalies present: the image threshold at the default rate from the normal images (synthetic
-    # anomalies are larger than real ones), the pixel threshold F1-optimal
-    assert by_default.threshold_report["image"]["source"] == "fpr_default"
+    # no rate given, anomalies present: both thresholds at the default rates from the normal images (synthetic
+    # anomalies are larger than real ones); the F1-optimal ones are reported alongside
+    report = by_default.threshold_report
+    assert report["image"]["source"] == report["pixel"]["source"] == "fpr_default"
     assert float(by_default._image_threshold) == pytest.approx(false_alarm_threshold(scores[:200], 0.05)[0])
-    assert float(by_default._pixel_threshold) == pytest.approx(f1_pixel)
+    assert float(by_default._pixel_threshold) == pytest.approx(false_alarm_threshold(maps[:200], 0.001)[0])
+    assert report["pixel"]["f1_threshold"] == pytest.approx(f1_pixel)
     # the normalised scale: 0.5 at the threshold, ±1 normal-score std at 0.25 / 0.75
     spread = float(scores[:200].double().std())
     threshold = float(by_default._image_threshold)
