@@ -166,8 +166,6 @@ def test_explicit_threshold_and_bad_arguments(exported, synthetic_root: Path, tm
     assert result.returncode == 2 and "threshold must be a normalised score in (0, 1)" in result.stderr
     result = _run(ir_path, [tmp_path / "missing"], tmp_path / "bad")
     assert result.returncode == 2 and "is neither an image file nor a folder" in result.stderr
-    result = _run(ir_path, [image], tmp_path / "bad", "--threshold-mode", "f1")
-    assert result.returncode == 2 and "image_min/image_max" in result.stderr
 
 
 def test_a_non_finite_score_or_map_is_reported_anomalous() -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from flowad_plugins.edge.images import ImageReadError, find_images, read_image, resize_image
 from flowad_plugins.edge.overlay import save_overlay
 from flowad_plugins.edge.runtime import EDGE_PRECISIONS, EdgeModel, Prediction
-from flowad_plugins.edge.thresholds import THRESHOLD_MODES, choose_threshold
+from flowad_plugins.edge.thresholds import choose_threshold
 
 CSV_COLUMNS = ("path", "score", "label", "threshold", "threshold_source", "reason", "overlay")
 
@@ -36,8 +36,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", type=Path, default=Path("flowad-results"), help="output folder (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per inference call (default: 1)")
-    parser.add_argument("--threshold-mode", choices=THRESHOLD_MODES, default="model",
-                        help="model: the exported threshold; f1: the F1-optimal one from the IR's threshold metadata")
     parser.add_argument("--threshold", type=float, default=None,
                         help="explicit image threshold on the normalised score in (0, 1); 0.5 = the model's")
     parser.add_argument("--precision", choices=sorted(EDGE_PRECISIONS), default="auto",
@@ -174,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch-size must be a positive integer; got {args.batch_size}")
     try:
         model = EdgeModel(args.model, device=args.device, precision=args.precision, num_threads=args.num_threads)
-        model.threshold = choose_threshold(model.metadata, args.threshold_mode, args.threshold)
+        model.threshold = choose_threshold(model.metadata, args.threshold)
         summary = predict_images(model, args.images, args.out, args.batch_size, overlays=not args.no_overlays)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
