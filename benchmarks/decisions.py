@@ -45,7 +45,6 @@ from harness.models import build_model, default_input_side
 
 from flowad_plugins.data.local_defects import KINDS, add_local_defect
 from flowad_plugins.post_processing.thresholds import DEFAULT_IMAGE_FPR, level_threshold_report
-from flowad_plugins.scoring import PositionStatistics
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {
@@ -56,6 +55,7 @@ ROWS = {
 }
 ANOMALIB_EPOCHS = 10
 # image-score variants: (per-position std shrinkage λ, map jitter as a share of the shorter side); None = plain max
+# "plain_max" is the shipped score (the maximum of the map, smoothed by the model's score_blur_sigma)
 VARIANTS: dict[str, tuple[float, float] | None] = {
     "plain_max": None, "shrink_0": (1e-3, 0.0), "shrink_0.25": (0.25, 0.0), "shrink_0.5": (0.5, 0.0),
     "shrink_1": (1.0, 0.0), "shrink_0.25_jitter64": (0.25, 1 / 64), "shrink_0.5_jitter64": (0.5, 1 / 64),
@@ -88,6 +88,26 @@ def score_maps(model, inputs: torch.Tensor, condition: str) -> torch.Tensor:
     """``B×1×H×W`` unsmoothed score maps of pre-processed ``inputs`` (the backbone in bf16 for ``"bf16"``)."""
     with autocast_for(condition):
         return model.model.scorer.score_map(model.model.likelihood_maps(inputs), inputs.shape[-2:]).float()
+
+
+class PositionStatistics:
+    """Per-position mean and shrunk std of normal training maps (the per-position variants of the image score):
+    ``σ_eff² = σ_p² + λ²·mean_p(σ_p²)``; ``λ ≈ 0`` is the former release's score (std floored near 0)."""
+
+    def fit(self, maps, shrink: float) -> None:
+        sums = None
+        for batch in maps:
+            values = batch.double().reshape(-1, *batch.shape[-2:])
+            part = torch.stack([torch.full(values.shape[1:], float(len(values)), dtype=torch.float64),
+                                values.sum(dim=0), values.pow(2).sum(dim=0)])
+            sums = part if sums is None else sums + part
+        count, total, squares = sums
+        self.mean = total / count
+        variance = (squares / count - self.mean.pow(2)).clamp_min(0)
+        self.std = (variance + shrink**2 * variance.mean().clamp_min(1e-12)).sqrt()
+
+    def standardise(self, maps: torch.Tensor) -> torch.Tensor:
+        return ((maps.double() - self.mean) / self.std).float()
 
 
 def shifted_copies(maps: torch.Tensor, shift: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from flowad_plugins.post_processing import FlowPostProcessor
-from flowad_plugins.scoring import AnomalyScorer, LikelihoodStatistics, PositionStatistics, gaussian_log_likelihood
+from flowad_plugins.scoring import AnomalyScorer, LikelihoodStatistics, gaussian_log_likelihood
 from flowad_plugins.scoring.resampling import MapResampler, bilinear_matrix
 
 
@@ -127,69 +127,9 @@ def test_score_blur_ranks_a_blob_above_a_lone_pixel_of_the_same_height() -> None
     assert AnomalyScorer(1, aggregation="standardized")(maps, (32, 32)).pred_score.unique().numel() == 1
 
 
-def test_position_statistics_fit_per_position_shrink_and_restore_their_shape() -> None:
-    torch.manual_seed(0)
-    first, second = torch.randn(4, 1, 6, 5) * 2 + 1, torch.randn(3, 1, 6, 5) * 2 + 1
-    stats = PositionStatistics()
-    assert not stats.fitted
-    stats.fit([first, second], shrink=0.5)
-    together = torch.cat([first, second])[:, 0].double()
-    variance = together.var(dim=0, correction=0)
-    torch.testing.assert_close(stats.mean, together.mean(dim=0).float())
-    torch.testing.assert_close(stats.std, (variance + 0.25 * variance.mean()).sqrt().float())
-    restored = PositionStatistics()
-    restored.load_state_dict(stats.state_dict())  # the buffers take the checkpoint's shapes
-    torch.testing.assert_close(restored.std, stats.std)
-
-
-def test_position_score_cancels_a_place_that_is_unusual_on_every_normal_image() -> None:
-    """A border row that is low on every normal image decides the plain maximum, not the position score; a real
-    defect in the interior still does. The map itself is unchanged, and the statistics follow another map size."""
-    torch.manual_seed(0)
-    normal = torch.randn(64, 16, 16) * 0.1
-    normal[:, 0, :] -= 5.0  # the top row: low likelihood on every normal image (a border artefact)
-    scorer = AnomalyScorer(1, aggregation="standardized")
-    scorer.positions.fit([scorer.score_map([normal], (16, 16))])
-    border_only, defect = normal[:1].clone(), normal[1:2].clone()
-    defect[0, 8, 8] -= 3.0
-    images = [torch.cat([border_only, defect])]
-    plain = AnomalyScorer(1, aggregation="standardized")(images, (16, 16))
-    assert plain.pred_score[0] > 0.9 * plain.pred_score[1]  # the border dominates the plain maximum
-    output = scorer(images, (16, 16))
-    assert output.pred_score[1] > 5 * output.pred_score[0]
-    torch.testing.assert_close(output.anomaly_map, plain.anomaly_map)
-    stretched = scorer([F.interpolate(images[0][:, None], size=(32, 32))[:, 0]], (32, 32))
-    assert stretched.pred_score[1] > stretched.pred_score[0]
-
-
-def test_position_score_is_robust_to_a_tiny_shift_where_normal_maps_are_constant() -> None:
-    """A place where every normal map is (nearly) the same value — a plain background — must not turn a shift that
-    is tiny against the normal variation elsewhere (bf16 rounding, ±2/255 brightness) into a large score."""
-    torch.manual_seed(0)
-    normal = torch.randn(64, 16, 16)
-    normal[:, :, :4] = 0.5 + 1e-4 * torch.randn(64, 16, 4)  # the background: almost no spread
-    scorer = AnomalyScorer(1, aggregation="standardized")
-    scorer.positions.fit([scorer.score_map([normal], (16, 16))])
-    drifted, defective = torch.randn(1, 16, 16) * 0.5, torch.randn(1, 16, 16) * 0.5
-    drifted[:, :, :4] = 0.5 - 0.05  # the whole background 5 % of a normal std lower (more anomalous)
-    defective[:, :, :4] = 0.5
-    defective[0, 10, 10] = -6.0  # a defect six normal stds deep
-    scores = scorer([torch.cat([drifted, defective])], (16, 16)).pred_score
-    assert scores[1] > 2 * scores[0] and scores[0] < 2.5
-
-
 def test_post_processor_normalisation_is_strictly_increasing_without_ties() -> None:
     scores = torch.tensor([-1e4, -50.0, -1.0, 0.0, 0.4, 0.5, 0.6, 1.0, 50.0, 1e4])
     normalized = FlowPostProcessor._normalize(scores, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0.5))
     assert torch.all(normalized[1:] > normalized[:-1])
     assert torch.all((normalized > 0) & (normalized < 1))
     assert normalized[5].item() == 0.5
-
-
-def test_without_per_position_the_score_is_the_plain_maximum_and_nothing_is_fitted() -> None:
-    torch.manual_seed(0)
-    maps = [torch.randn(2, 8, 8)]
-    scorer = fitted_scorer(1, "standardized", per_position=False)
-    scorer.positions.fit([scorer.score_map(maps, (8, 8))])  # even if fitted, they are not used
-    output = scorer(maps, (8, 8))
-    torch.testing.assert_close(output.pred_score, output.anomaly_map.flatten(1).amax(dim=1))

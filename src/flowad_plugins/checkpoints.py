@@ -96,8 +96,6 @@ def check_lightning_checkpoint(path: Any, parameter: str = "checkpoint_path", mo
         raise CheckpointFileError(msg)
 
 
-# the per-position statistics take the shape of the maps they were fitted on (``scoring.PositionStatistics``)
-POSITION_STATISTICS = "model.scorer.positions."
 # hyper-parameters that are objects (or carry no shape): not compared
 _UNCOMPARED = {"pre_processor", "post_processor", "evaluator", "visualizer", "seed"}
 
@@ -111,8 +109,8 @@ def check_checkpoint_matches(module: torch.nn.Module, checkpoint: dict[str, Any]
     stored = checkpoint.get("state_dict", {})
     expected = module.state_dict()
     mismatched = sorted(key for key in set(stored) | set(expected)
-                        if not key.startswith(POSITION_STATISTICS) and (key not in stored or key not in expected
-                                                         or tuple(stored[key].shape) != tuple(expected[key].shape)))
+                        if key not in stored or key not in expected
+                        or tuple(stored[key].shape) != tuple(expected[key].shape))
     if not mismatched:
         return
     ours = type(module).__name__

@@ -9,8 +9,6 @@ from .scorer import AnomalyScorer
 from .statistics import (
     LikelihoodStatistics,
     NormalStatisticsLifeCycle,
-    PositionStatistics,
-    fit_position_statistics,
     is_last_validation_of_fit,
 )
 
@@ -18,8 +16,6 @@ __all__ = [
     "AnomalyScorer",
     "LikelihoodStatistics",
     "NormalStatisticsLifeCycle",
-    "PositionStatistics",
-    "fit_position_statistics",
     "gaussian_log_likelihood",
     "is_last_validation_of_fit",
 ]

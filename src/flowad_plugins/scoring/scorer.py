@@ -11,7 +11,7 @@ from torch import nn
 from flowad_plugins.precision import float32_region
 
 from .resampling import MapResampler
-from .statistics import LikelihoodStatistics, PositionStatistics
+from .statistics import LikelihoodStatistics
 
 
 def _scale_subset(name: str, scales: Sequence[int] | None, num_scales: int) -> list[int]:
@@ -46,9 +46,9 @@ class AnomalyScorer(nn.Module):
     - ``"standardized"`` (CS-Flow): ``(μ_l − log p_l)/σ_l``, upsampled and averaged.
 
     The anomaly map combines ``map_scales`` smoothed by ``blur_sigma``. The image score is the maximum of the
-    unsmoothed combination of ``score_scales``, smoothed by ``score_blur_sigma``; with ``per_position`` that map is
-    first standardised per position with ``PositionStatistics`` (normal training maps): a place that is unusual on
-    every normal image does not decide the score, and the shrunk std keeps a tiny systematic shift small.
+    unsmoothed combination of ``score_scales``, smoothed by ``score_blur_sigma`` (so the map's own smoothing serves
+    localisation only). The plain maximum was chosen over the map standardised per position on validation: that one
+    turned the bf16 backbone and ±2/255 brightness into false alarms (``docs/selection.md``).
 
     Args:
         num_scales: log-likelihood maps per image.
@@ -57,8 +57,6 @@ class AnomalyScorer(nn.Module):
         score_blur_sigma: Gaussian smoothing of the standardised map before its maximum, input pixels (0 = none).
         map_scales: scales combined into the anomaly map (``None`` = all; negative = from the coarsest).
         score_scales: scales combined into the map the image score is taken from (``None`` = all).
-        per_position: standardise the score map per position before its maximum (the model's choice, made on
-            validation: ``docs/selection.md``).
     """
 
     AGGREGATIONS = ("standardized", "likelihood")
@@ -67,8 +65,7 @@ class AnomalyScorer(nn.Module):
     MIN_RELATIVE_LOG_LIKELIHOOD = -80.0
 
     def __init__(self, num_scales: int, aggregation: str, blur_sigma: float = 0.0, score_blur_sigma: float = 0.0,
-                 map_scales: Sequence[int] | None = None, score_scales: Sequence[int] | None = None,
-                 per_position: bool = True) -> None:
+                 map_scales: Sequence[int] | None = None, score_scales: Sequence[int] | None = None) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
             msg = f"aggregation must be one of {list(self.AGGREGATIONS)}, got {aggregation!r}."
@@ -79,8 +76,6 @@ class AnomalyScorer(nn.Module):
         self.map_scales = _scale_subset("map_scales", map_scales, num_scales)
         self.score_scales = _scale_subset("score_scales", score_scales, num_scales)
         self.statistics = LikelihoodStatistics(num_scales)
-        self.per_position = bool(per_position)
-        self.positions = PositionStatistics()
         self._resample = MapResampler()
 
     def forward(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> InferenceBatch:
@@ -92,14 +87,12 @@ class AnomalyScorer(nn.Module):
             return InferenceBatch(pred_score=self.image_score(score_map), anomaly_map=anomaly_map)
 
     def score_map(self, log_likelihoods: Sequence[torch.Tensor], output_size: Sequence[int]) -> torch.Tensor:
-        """The unsmoothed ``B×1×H×W`` map whose per-position standardisation gives the image score."""
+        """The unsmoothed ``B×1×H×W`` map the image score is taken from."""
         with float32_region(log_likelihoods[0].device.type):
             return self._combine(self._relative(log_likelihoods), output_size, self.score_scales, 0.0)
 
     def image_score(self, score_map: torch.Tensor) -> torch.Tensor:
-        """``B`` scores from ``score_map`` (``B×1×H×W``): standardised per position (once fitted), smoothed, maximum."""
-        if self.per_position and self.positions.fitted:
-            score_map = self.positions.standardise(score_map)
+        """``B`` scores from ``score_map`` (``B×1×H×W``): smoothed by ``score_blur_sigma``, then its maximum."""
         return self._resample.blur(score_map, self.score_blur_sigma).flatten(1).amax(dim=1)
 
     def _relative(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:

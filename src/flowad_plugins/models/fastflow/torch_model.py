@@ -109,10 +109,9 @@ class FastFlowModel(nn.Module):
         self.norms = nn.ModuleList()
         self.flows = nn.ModuleList()
         self._build_heads()
-        # the image score: the plain maximum of the coarsest scale's map (docs/selection.md): the finer scales made
-        # it noisier, and standardised per position it turned the bf16 backbone into false alarms on bottle
+        # the image score from the coarsest scale: the finer ones made it noisier on validation (docs/selection.md)
         self.scorer = AnomalyScorer(len(self.encoder.layers), aggregation="likelihood", blur_sigma=blur_sigma,
-                                    score_scales=[-1], per_position=False)
+                                    score_scales=[-1])
 
     def _resolve_input_size(self, input_size: Sequence[int] | None) -> tuple[int, int]:
         if input_size is None:
