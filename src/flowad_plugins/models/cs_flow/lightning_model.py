@@ -58,7 +58,7 @@ class CSFlow(FlowAnomalibModule):
             highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
             generated data.
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen with the per-position score on the small-defect
+            (0 = the plain maximum). 4 for CS-Flow: chosen (with the former per-position score) on the small-defect
             validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (640×640). Height and width must be multiples of the backbone stride × 4.

@@ -44,7 +44,7 @@ class CSFlowModel(nn.Module):
             highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
             generated data.
         score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen with the per-position score on the small-defect
+            (0 = the plain maximum). 4 for CS-Flow: chosen (with the former per-position score) on the small-defect
             validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
     """
 
