@@ -2,13 +2,13 @@
 
 For every config in ``configs/`` the model it ships is built (ImageNet weights where they install offline, else
 random ones: deployability does not depend on the weights), exported with ``to_openvino`` at each documented
-compression (FP32, FP16, INT8 flow-head weights, INT8_PTQ and INT8_ACQ calibrated on generated normal images),
-and each IR is compiled with no configuration (the CPU's default precision: bf16 on AVX512-BF16/AMX) and with
-``INFERENCE_PRECISION_HINT=f32``, in anomalib's ``OpenVINOInferencer`` and in ``EdgeModel`` (``flowad-predict``),
-and called at batch 1 and 8 on generated images (half normal, half with defects). Each cell records whether it
-compiled, ran, and matched torch (``harness.deploy``). The same IR re-marked (no float32 marks, the score tail
-only, every convolution alone) runs at the default precision too. Models are untrained (no normalisation
-statistics), so the scores and maps compared are the raw ones, where bf16 differences are not squashed.
+compression (FP32, FP16, INT8 flow-head weights), and each IR is compiled with no configuration (the CPU's default
+precision: bf16 on AVX512-BF16/AMX) and with ``INFERENCE_PRECISION_HINT=f32``, in anomalib's ``OpenVINOInferencer``
+and in ``EdgeModel`` (``flowad-predict``), and called at batch 1 and 8 on generated images (half normal, half with
+defects). Each cell records whether it compiled, ran, and matched torch (``harness.deploy``). The same IR re-marked
+(no float32 marks, the score tail only, every convolution alone) runs at the default precision too. Models are
+untrained (no normalisation statistics), so the scores and maps compared are the raw ones, where bf16 differences
+are not squashed.
 
 Each config runs in its own process. Sizes: the config's own, except where ``SMALLER_SIZES`` says (named in the
 results); ``LARGE_CONFIGS`` run last, with the exported marks only.
@@ -56,14 +56,6 @@ def test_images(size: tuple[int, int], count: int = IMAGES) -> np.ndarray:
     return np.stack(images)
 
 
-def calibration_data(root: Path, size: tuple[int, int]) -> Any:
-    """SyntheticAD at ``size``: 16 normal training images; validation with synthetic anomalies (INT8_ACQ)."""
-    from flowad_plugins.data import SyntheticAD
-
-    return SyntheticAD(root=root, category="surface", image_size=size[0], num_train=16, num_test_good=2,
-                       num_test_per_defect=1, train_batch_size=8, eval_batch_size=8, val_split_ratio=0.5)
-
-
 def run_config(config: Path, compressions: list[str], markings: list[str], work: Path) -> dict[str, Any]:
     """Every cell of one config (this process)."""
     torch.manual_seed(0)
@@ -74,13 +66,12 @@ def run_config(config: Path, compressions: list[str], markings: list[str], work:
     input_size = tuple(info["input_size"])
     images = test_images(input_size)
     reference = reference_outputs(model, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
-    datamodule = calibration_data(work / "data", input_size)
     cells: list[dict[str, Any]] = []
     for compression in compressions:
         folder = work / compression
         start = time.perf_counter()
         try:
-            xml = export(model, folder, compression, input_size, datamodule)
+            xml = export(model, folder, compression, input_size)
         except Exception as error:
             cells.append({"compression": compression, "exports": False, "error": f"{type(error).__name__}: {error}"
                           [:300]})
@@ -119,7 +110,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}` ({report['minutes']} min).",
         "",
         "Cell: ✓ compiles, runs and matches torch FP32 (map correlation and score order at least "
-        "0.99 / 0.95; INT8_PTQ and INT8_ACQ, which quantize backbone activations, 0.9 / 0.7), ≈ runs but below "
+        "0.99 / 0.95), ≈ runs but below "
         "that bound, ✗ fails (export, compile or run). Columns: precision / runtime (Inferencer = anomalib's "
         "OpenVINOInferencer, predict = flowad-predict's EdgeModel) / batch. Marks: `exported` as `to_openvino` "
         "writes the IR; `none`, `tail`, `convolutions`: the same IR re-marked (default precision only).",

@@ -1,9 +1,9 @@
-"""Export parity on an MVTec category: torch vs ONNX Runtime vs OpenVINO (FP32, FP16, INT8, INT8 PTQ), per model.
+"""Export parity on an MVTec category: torch vs ONNX Runtime vs OpenVINO (FP32, FP16, INT8 weights), per model.
 
 For each trained checkpoint the model is exported once to ONNX with anomalib's ``to_onnx`` (static 256×256,
 dynamic batch; pre- and post-processor in the graph); the OpenVINO variants are made from that file exactly
-as anomalib's ``to_openvino`` does (``ov.convert_model``, then the model's own ``_compress_ov_model`` for INT8 /
-INT8_PTQ, whose PTQ calibrates on normal training images only, and ``compress_to_fp16`` for FP16). Every
+as anomalib's ``to_openvino`` does (``ov.convert_model``, then the model's INT8 flow-head weight compression,
+``compress_flow_weights``, and ``compress_to_fp16`` for FP16). Every
 variant runs the whole test set (images resized to 256 px as the pre-processor does, masks nearest) and is
 compared with torch:
 
@@ -34,7 +34,6 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
-from anomalib.deploy import CompressionType
 from harness.machine import machine_info
 from harness.models import load_checkpoint
 from harness.timing import median_latencies_ms
@@ -42,11 +41,11 @@ from rich.progress import track
 from sklearn.metrics import roc_auc_score
 from torchvision.transforms.v2 import functional as TF
 
-from flowad_plugins.export import export_model, openvino_config, quantize_on_normal_images
+from flowad_plugins.export import compress_flow_weights, export_model, openvino_config
 
 FP32_MAP_TOLERANCE = 1e-3
 AUROC_TOLERANCE = 0.005
-VARIANTS = ("fp32", "fp16", "int8", "int8_ptq", "int8_ptq_all")
+VARIANTS = ("fp32", "fp16", "int8")
 HINTS = ("f32", "default")
 
 
@@ -115,22 +114,16 @@ def check(row: dict, torch_row: dict) -> dict:
     return row
 
 
-def openvino_variant(model, onnx_path: Path, variant: str, datamodule: MVTecAD, path: Path) -> None:
-    """IR for ``variant`` made from ``onnx_path`` as ``to_openvino`` does, saved as ``path`` (.xml).
-
-    ``int8_ptq`` goes through the model's ``_compress_ov_model`` (backbone-only PTQ on normal training images);
-    ``int8_ptq_all`` quantizes every op nncf would (same normal-only calibration), for comparison.
-    """
+def openvino_variant(model, onnx_path: Path, variant: str, path: Path) -> None:
+    """IR for ``variant`` made from ``onnx_path`` as ``to_openvino`` does, saved as ``path`` (.xml)."""
     import openvino as ov
 
     from flowad_plugins.export.onnx_graph import flow_head_names
     from flowad_plugins.export.precision import keep_precision_critical_in_float32
 
     ov_model = ov.convert_model(onnx_path)
-    if variant == "int8_ptq_all":
-        ov_model = quantize_on_normal_images(ov_model, datamodule)
-    elif variant in {"int8", "int8_ptq"}:
-        ov_model = model._compress_ov_model(ov_model, CompressionType(variant), datamodule)
+    if variant == "int8":
+        ov_model = compress_flow_weights(model, ov_model, onnx_path)
     ov.save_model(ov_model, path, compress_to_fp16=variant == "fp16")
     # as to_openvino does: backbone and score tail stay float32 at the CPU's default precision
     size = ov_model.input(0).get_partial_shape()[2:]
@@ -179,7 +172,7 @@ def run_model(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             xml = folder / f"{variant}.xml"
             try:
-                openvino_variant(model, onnx_path, variant, datamodule, xml)
+                openvino_variant(model, onnx_path, variant, xml)
             except Exception as error:  # record the failure, keep measuring the other variants
                 rows.append({"runtime": "openvino", "weights": variant, "error": f"{type(error).__name__}: {error}"})
                 print(f"{variant} failed: {error!r}", flush=True)
@@ -219,9 +212,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "`f32` = `INFERENCE_PRECISION_HINT=f32`; `default` = the CPU plugin's default (bf16 on this CPU), shown for "
         "information. Tolerances: FP32 rows max |Δmap| ≤ 1e-3 of the torch map's range and identical labels; other "
         "rows |Δ image AUROC|, |Δ pixel AUROC| ≤ 0.005. Latency: batch 1, median; size: files on disk. "
-        "INT8 = weights only (nncf.compress_weights); INT8 PTQ = nncf.quantize of the backbone, calibrated on normal "
-        "training images only, flow head / scorer / post-processor in float (what `Engine.export` does for these "
-        "models); INT8 PTQ all = every op nncf quantizes by default, same calibration (for comparison).",
+        "INT8 = flow-head weights only (nncf.compress_weights, what `Engine.export` does for these models).",
         "",
         "| model | runtime | weights | precision | max \\|Δmap\\|/range | labels ≠ | image AUROC (Δ) | "
         "pixel AUROC (Δ) | pass | latency ms | size MB |",

@@ -242,9 +242,9 @@ def image_fpr_out_of_range(_: Any) -> None:
 # ------------------------------------------------------------------------------------------------- export
 
 
-@case("int8_ptq_without_calibration_data", "`Engine.export(..., OPENVINO, compression_type=INT8_PTQ)`, no datamodule",
-      "error", ("datamodule",))
-def int8_ptq_without_calibration_data(workspace: Any) -> None:
+@case("int8_ptq_not_offered", "`Engine.export(..., OPENVINO, compression_type=INT8_PTQ)`", "error",
+      ("compression_type", "allowed values"))
+def int8_ptq_not_offered(workspace: Any) -> None:
     from anomalib.deploy import CompressionType, ExportType
 
     workspace.engine().export(model=workspace.model, export_type=ExportType.OPENVINO,

@@ -41,8 +41,9 @@ def synthetic_validation(datamodule: MVTecAD, size: int, seed: int = 0) -> list[
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         generator = PerlinAnomalyGenerator(probability=1.0)  # draws its solarize threshold when built
-        for index, batch in enumerate(fe.normal_calibration_loader(datamodule, batch_size=1)):
-            image = TF.resize(batch.image, [size, size], antialias=True)
+        datamodule.setup("fit")
+        for index, item in enumerate(datamodule.train_data):  # MVTec's training images are all normal
+            image = TF.resize(item.image[None], [size, size], antialias=True)
             mask = torch.zeros(size, size, dtype=torch.bool)
             if index % 2:
                 anomalous, anomaly = generator(image[0])

@@ -1,11 +1,12 @@
 """The export task of one benchmark model: files per format, for the whole model and for its backbone alone.
 
 Whole model: torch state dict, ONNX through anomalib's ``to_onnx``, OpenVINO IR through the model's own
-``to_openvino`` (FP32; FP16 = ``compression_type=FP16``; INT8 = ``compression_type=INT8_PTQ``), so each model's IR is
-the one its users get (ours: with the float32 marks of ``flowad_plugins.export.precision``) and its own calibration
-applies. Backbone alone (``harness.models.backbone_of``: pre-processing and
-the frozen backbone up to the model's layers): ONNX (torch's exporter), IR from it, INT8 = ``nncf.quantize`` on
-the same calibration images. Multiply-adds per image (``torch.utils.flop_counter``, batch 1) for both.
+``to_openvino`` (FP32; FP16 = ``compression_type=FP16``; INT8 = ``compression_type=INT8_PTQ`` for anomalib's models,
+``INT8`` (flow-head weights) for ours, which do not offer backbone PTQ), so each model's IR is the one its users get
+(ours: with the float32 marks of ``flowad_plugins.export.precision``) and its own calibration applies. Backbone
+alone (``harness.models.backbone_of``: pre-processing and the frozen backbone up to the model's layers): ONNX (torch's
+exporter), IR from it, INT8 = ``nncf.quantize`` on the same calibration images. Multiply-adds per image
+(``torch.utils.flop_counter``, batch 1) for both.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def export_whole_model(model: Any, task: dict[str, Any], out_dir: Path, formats:
         from anomalib.deploy import CompressionType
 
         if file_format == "openvino-int8":
-            return model.to_openvino(out_dir / file_format, input_size=(size, size), compression_type=_int8_ptq(),
+            return model.to_openvino(out_dir / file_format, input_size=(size, size), compression_type=_int8_of(model),
                                      datamodule=calibration_datamodule(task))
         compression = CompressionType.FP16 if file_format == "openvino-fp16" else None
         return model.to_openvino(out_dir / file_format, input_size=(size, size), compression_type=compression)
@@ -155,10 +156,13 @@ def export_backbone(backbone: Any, task: dict[str, Any], out_dir: Path, formats:
     return attempt.record
 
 
-def _int8_ptq() -> Any:
+def _int8_of(model: Any) -> Any:
+    """The INT8 a model offers: ``INT8`` (flow-head weights) for ours, ``INT8_PTQ`` for anomalib's."""
     from anomalib.deploy import CompressionType
 
-    return CompressionType.INT8_PTQ
+    from flowad_plugins.models.openvino_compression import FlowOpenVINOCompression
+
+    return CompressionType.INT8 if isinstance(model, FlowOpenVINOCompression) else CompressionType.INT8_PTQ
 
 
 def _openvino_formats(attempt: Attempts, formats: list[str], convert: Callable[[str], Path]) -> None:

@@ -182,8 +182,9 @@ def method_lines(result: dict[str, Any]) -> list[str]:
         "graph (anomalib pre-processing, model, post-processing).",
         "- Peak RSS = the process's peak resident memory (VmHWM); runtime RSS = after importing the backend, "
         "before loading the model. Exported files come from each model's own `to_onnx` / `to_openvino` (FP16 and "
-        "INT8: `compression_type=FP16` / `INT8_PTQ`, NNCF post-training quantisation with each model's "
-        "calibration), so our IRs carry their float32 marks; the backbone alone is converted from its ONNX file.",
+        "INT8: `compression_type=FP16` / `INT8_PTQ` for anomalib's models, NNCF post-training quantisation with "
+        "their calibration, and `INT8`, flow-head weights, for ours), so our IRs carry their float32 marks; the "
+        "backbone alone is converted from its ONNX file.",
         "- `openvino-fp32` sets `INFERENCE_PRECISION_HINT=f32`; `openvino-default` keeps OpenVINO's default, "
         "which on CPUs with bf16 units computes in bf16 (the precision column shows what the plugin reported).",
         f"- Training: {config['epochs']} epoch(s), batch {config['train_batch_size']}, on {data}; the time per "

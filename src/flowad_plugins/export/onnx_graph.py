@@ -1,4 +1,4 @@
-"""Where the backbone ends in an exported graph, and the nncf scopes that keep the rest in float.
+"""Where the backbone ends in an exported graph, and the nncf scope that keeps its weights in float.
 
 The exported graph runs the whole backbone before the flow head (all three models): the head, scorer and
 post-processor are every image-dependent ONNX node after the backbone's last ``Conv``. OpenVINO keeps the ONNX node
@@ -65,24 +65,6 @@ def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, st
 def flow_head_names(module: AnomalibModule, onnx_path: str | Path, input_size: Sequence[int] | None = None) -> set[str]:
     """ONNX names of the flow head's nodes (everything image-dependent after the backbone) of ``module``'s export."""
     return set(float_tail_names(onnx_path, backbone_conv_count(module, input_size)))
-
-
-def backbone_only_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_convs: int) -> Any:
-    """``nncf.IgnoredScope`` keeping every op of ``ov_model`` that comes after the backbone in float.
-
-    Raises ``ValueError`` when the ONNX file does not describe ``ov_model`` (a head Conv/MatMul/Gemm not found).
-    """
-    nncf = require("nncf", "Keeping the flow head in float during INT8 quantization")
-
-    names = float_tail_names(onnx_path, backbone_convs)
-    present = {op.get_friendly_name().split("/")[0] for op in ov_model.get_ops()}
-    weighted = {name for name, op_type in names.items() if op_type in {"Conv", "MatMul", "Gemm"}}
-    if not weighted or not weighted <= present:
-        missing = sorted(weighted - present)[:5]
-        msg = (f"{onnx_path} does not match the OpenVINO model: cannot locate the flow head to keep it in float "
-               f"({len(weighted)} head Conv/MatMul nodes, not found: {missing}).")
-        raise ValueError(msg)
-    return nncf.IgnoredScope(patterns=[f"^{name}(/.*)?$" for name in sorted(set(names) & present)], validate=False)
 
 
 WEIGHTED_OPENVINO_OPS = ("Convolution", "GroupConvolution", "MatMul")

@@ -1,7 +1,8 @@
 """``export_model``: ``Engine.export``'s options checked up front, with errors naming the parameter and allowed values.
 
-Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8_PTQ`` / ``INT8_ACQ`` without
-``datamodule`` (nothing to calibrate on), an INT8 kind without nncf installed, unknown types and sizes.
+Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8`` without nncf installed,
+compression types the flow models do not offer (anomalib's ``INT8_PTQ`` / ``INT8_ACQ`` quantize the backbone and lose
+accuracy on these models), unknown types and sizes.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from flowad_plugins.input_guard import validated_input_size
 from .extras import require
 
 if TYPE_CHECKING:
-    from anomalib.data import AnomalibDataModule
     from anomalib.models import AnomalibModule
 
 SUPPORTED_COMPRESSIONS: tuple[CompressionType | None, ...] = (
     None,
     CompressionType.FP16,
     CompressionType.INT8,
-    CompressionType.INT8_PTQ,
-    CompressionType.INT8_ACQ,
 )
 
 
@@ -40,50 +38,28 @@ def check_compression(compression_type: CompressionType | str | None) -> Compres
     except ValueError:
         compression = None
     if compression is None or compression not in SUPPORTED_COMPRESSIONS:
-        msg = f"compression_type={compression_type!r} is not supported; allowed values: {allowed}."
+        given = compression.value if compression is not None else compression_type
+        msg = f"compression_type={given!r} is not supported by the flow models; allowed values: {allowed}."
         raise ValueError(msg)
     return compression
 
 
-NNCF_COMPRESSIONS = (CompressionType.INT8, CompressionType.INT8_PTQ, CompressionType.INT8_ACQ)
-
-
-def check_compression_dependencies(compression_type: CompressionType | str | None) -> None:
-    """``ImportError`` saying how to install nncf when ``compression_type`` needs it (the INT8 kinds)."""
-    try:
-        compression = CompressionType(compression_type) if compression_type is not None else None
-    except ValueError:
-        return  # an unknown value: the export's own checks name it
-    if compression in NNCF_COMPRESSIONS:
+def check_compression_dependencies(compression: CompressionType | None) -> None:
+    """``ImportError`` saying how to install nncf when ``compression`` needs it (``INT8``)."""
+    if compression == CompressionType.INT8:
         require("nncf", f"compression_type={compression.value!r}")
 
 
-def check_calibration_data(compression_type: CompressionType | str | None, datamodule: Any) -> None:
-    """``ValueError`` for ``INT8_PTQ`` / ``INT8_ACQ`` without a datamodule, before anything is exported."""
-    try:
-        compression = CompressionType(compression_type) if compression_type is not None else None
-    except ValueError:
-        return  # an unknown value: the export's own checks name it
-    if compression in {CompressionType.INT8_PTQ, CompressionType.INT8_ACQ} and datamodule is None:
-        msg = (
-            f"compression_type={compression.value!r} needs datamodule= (its normal training images calibrate the "
-            "quantization; on the CLI: --data ...); use 'fp16' or 'int8' (weights only) to export without data."
-        )
-        raise ValueError(msg)
-
-
 def check_to_openvino_arguments(*args: Any, **kwargs: Any) -> None:
-    """``check_compression_dependencies`` and ``check_calibration_data`` on the arguments of a ``to_openvino(...)``
-    call (anomalib's signature), so that a refused export starts no export work."""
+    """``check_compression`` and ``check_compression_dependencies`` on the arguments of a ``to_openvino(...)`` call
+    (anomalib's signature), so that a refused export starts no export work."""
     from anomalib.models.components.base.export_mixin import ExportMixin
 
     try:
         bound = inspect.signature(ExportMixin.to_openvino).bind(None, *args, **kwargs)
     except TypeError:
         return  # anomalib's own call raises the argument error
-    compression_type = bound.arguments.get("compression_type")
-    check_compression_dependencies(compression_type)
-    check_calibration_data(compression_type, bound.arguments.get("datamodule"))
+    check_compression_dependencies(check_compression(bound.arguments.get("compression_type")))
 
 
 def export_model(
@@ -92,15 +68,14 @@ def export_model(
     export_root: str | Path,
     input_size: Sequence[int] | None = None,
     compression_type: CompressionType | str | None = None,
-    datamodule: AnomalibDataModule | None = None,
     model_file_name: str = "model",
     onnx_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Export a trained flow model to ONNX or OpenVINO IR after checking the options; returns the file path.
 
-    Same result as ``Engine().export(model, export_type, export_root, input_size=..., compression_type=...,
-    datamodule=...)`` (INT8_PTQ / INT8_ACQ calibrate on ``datamodule``'s normal training images), with clear errors for
-    combinations anomalib would ignore or run dishonestly. Files: ``export_root/weights/{onnx,openvino}/``.
+    Same result as ``Engine().export(model, export_type, export_root, input_size=..., compression_type=...)``, with
+    clear errors for combinations anomalib would ignore or the flow models do not offer. Files:
+    ``export_root/weights/{onnx,openvino}/``.
     """
     allowed_types = [ExportType.ONNX.value, ExportType.OPENVINO.value]
     try:
@@ -118,7 +93,6 @@ def export_model(
         )
         raise ValueError(msg)
     check_compression_dependencies(compression)
-    check_calibration_data(compression, datamodule)
     if input_size is not None:
         input_size = validated_input_size(input_size)
     model.eval()
@@ -129,6 +103,5 @@ def export_model(
         model_file_name,
         input_size,
         compression_type=compression,
-        datamodule=datamodule,
         onnx_kwargs=onnx_kwargs,
     )

@@ -167,17 +167,13 @@ def keep_precision_critical_in_float32(xml_path: str | Path, head: set[str] | No
     """Mark the backbone, the head's entry nodes and the score tail of the IR at ``xml_path`` float32, in place.
 
     ``head``: ONNX names of the flow head's nodes (``onnx_graph.float_tail_names`` of the file the IR was converted
-    from); empty or ``None``: the whole graph is marked. An IR whose backbone is quantized (``FakeQuantize`` ops,
-    ``INT8_PTQ`` / ``INT8_ACQ``) keeps its integer backbone: only the tail is marked. Returns the layers marked.
+    from); empty or ``None``: the whole graph is marked. Returns the layers marked.
     """
     import openvino as ov
 
     model = ov.Core().read_model(xml_path)
     tail = {node.get_friendly_name() for node in float32_tail(model)}
-    quantized = any(node.get_type_name() == "FakeQuantize" for node in model.get_ops())
     del model
-    if quantized:
-        return mark_precise(xml_path, lambda name, _: name in tail)
     head = head or set()
     keep = tail | head_entry_names(xml_path, head)
     return mark_precise(xml_path, lambda name, _: name in keep or onnx_base_name(name) not in head)
