@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from flowad_plugins.data.local_defects import KINDS, add_local_defect, foreground_of
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.append(str(REPO / "benchmarks"))  # the harness lives next to the scripts, outside the package
+
+from harness.local_defects import KINDS, add_local_defect, foreground_of  # noqa: E402
 
 
 def _part(height: int = 96, width: int = 128, seed: int = 0) -> torch.Tensor:

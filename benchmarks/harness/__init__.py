@@ -5,4 +5,5 @@
 - ``runner``: one task in a fresh process (export, timing, training), peak RSS included.
 - ``machine``: CPU, cores, RAM, GPU, versions.
 - ``report``: schema check, ours/anomalib ratios, markdown, README section, plot.
+- ``local_defects``: small synthetic defects on real normal images, for the validation of ``decisions.py``.
 """
