@@ -5,7 +5,7 @@ is trained (validation = 20 % of train/good + anomalib's synthetic anomalies, se
 
 - **validation study** (ours only; the evidence for the score and threshold defaults): the held-out normal images
   that anomalib turned into synthetic anomalies are normal images no threshold saw ("unseen normals"); each also gets
-  every kind of local defect (``flowad_plugins.data.local_defects``). Every image-score variant (per-position std
+  every kind of local defect (``benchmarks/harness/local_defects.py``). Every image-score variant (per-position std
   shrinkage ``λ`` and map jitter, see ``flowad_plugins.scoring.statistics``) is scored from the same forward passes,
   clean and under drift (±2/255 brightness, ±8 px shift in the model's input frame, bf16 backbone), with its
   thresholds set as the post-processor sets them: image AUROC, false-alarm rate and F1 at the false-alarm-rate
@@ -40,10 +40,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.datasets import validation_split_datamodule
+from harness.local_defects import KINDS, add_local_defect
 from harness.machine import cpu_model
 from harness.models import build_model, default_input_side
 
-from flowad_plugins.data.local_defects import KINDS, add_local_defect
 from flowad_plugins.post_processing.thresholds import DEFAULT_IMAGE_FPR, level_threshold_report
 
 REPO = Path(__file__).resolve().parents[1]
