@@ -121,7 +121,7 @@ def test_predicts_without_torch_and_matches_the_torch_model(exported, synthetic_
     assert summary["complete"] and summary["input_size"] == [128, 128]
     assert summary["precision"] == "f32"
     assert sorted(Path(item["path"]).name for item in summary["skipped"]) == ["empty.png", "truncated.png"]
-    assert "F1-optimal" in summary["threshold"]["description"]  # read from the IR's threshold metadata
+    assert "false-alarm rate" in summary["threshold"]["description"]  # read from the IR's threshold metadata
     expected = {**originals, **{f"variants/{name}": image for name, image in variants.items()}}
     records = {Path(r["path"]).relative_to(folder).as_posix(): r for r in summary["results"]}
     assert sorted(records) == sorted(expected)

@@ -92,7 +92,7 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _ddp_script(root: Path, out: Path) -> None:
     """Run in both ranks: train every ``DDP_RUNS`` entry with DDP, save each rank's model state and checks."""
     import torch.distributed as dist
-    from flowad_plugins.statistics import LikelihoodStatistics
+    from flowad_plugins.scoring import LikelihoodStatistics
     from lightning.pytorch import seed_everything
 
     rank = 0
