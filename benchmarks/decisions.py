@@ -359,7 +359,8 @@ def _mean(values: list[float]) -> float:
 
 def markdown(results: dict) -> str:
     """The test tables (shipped thresholds, drift) and the validation study, from ``results``."""
-    rows = results["rows"]
+    order = {**{name: index for index, name in enumerate(ROWS)}}
+    rows = sorted(results["rows"], key=lambda row: (row["category"] != "bottle", row["category"], order[row["row"]]))
     lines = ["# Decisions at the shipped thresholds, and under small drift", "",
              f"`python benchmarks/decisions.py` (each row's command is in `decisions.json`); machine: "
              f"{results['machine']}. Validation = 20 % of train/good + anomalib's synthetic anomalies (seed 0); "

@@ -109,9 +109,7 @@ def _ddp_script(root: Path, out: Path) -> None:
     # Statistics with different value counts per rank (rank 0: 5 and 3 values, rank 1: 2 and none).
     statistics = LikelihoodStatistics(num_scales=2)
     values = {0: (torch.arange(5.0), torch.tensor([1.0, 2.0, 4.0])), 1: (torch.tensor([10.0, 20.0]), None)}[rank]
-    statistics.update(0, values[0])
-    if values[1] is not None:
-        statistics.update(1, values[1])
+    statistics.update_all(values)
     statistics.commit()
     report = {"world_size": dist.get_world_size(), "backend": dist.get_backend(),
               "mean": statistics.mean.tolist(), "std": statistics.std.tolist()}
