@@ -92,8 +92,9 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _ddp_script(root: Path, out: Path) -> None:
     """Run in both ranks: train every ``DDP_RUNS`` entry with DDP, save each rank's model state and checks."""
     import torch.distributed as dist
-    from flowad_plugins.scoring import LikelihoodStatistics
     from lightning.pytorch import seed_everything
+
+    from flowad_plugins.scoring import LikelihoodStatistics
 
     rank = 0
     for run_name, name, overrides in DDP_RUNS:
