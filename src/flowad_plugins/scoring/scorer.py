@@ -54,7 +54,7 @@ class AnomalyScorer(nn.Module):
         num_scales: log-likelihood maps per image.
         aggregation: ``"likelihood"`` or ``"standardized"``.
         blur_sigma: Gaussian smoothing of the anomaly map, input pixels (0 = none).
-        score_blur_sigma: Gaussian smoothing of the standardised map before its maximum, input pixels (0 = none).
+        score_blur_sigma: Gaussian smoothing of the score map before its maximum, input pixels (0 = none).
         map_scales: scales combined into the anomaly map (``None`` = all; negative = from the coarsest).
         score_scales: scales combined into the map the image score is taken from (``None`` = all).
     """
