@@ -38,12 +38,16 @@ def _broken_batch() -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def fitted_model(request: pytest.FixtureRequest):
-    """An untrained model with fitted-looking statistics and thresholds (eval mode, full anomalib pipeline)."""
+    """An untrained model with statistics fitted on six images and thresholds set from their scores (eval mode, full
+    anomalib pipeline). NumPy is seeded too: the flows' channel permutations draw from it."""
+    np.random.seed(0)
     torch.manual_seed(0)
     model = MODELS[request.param]().eval()
-    model.model.scorer.statistics.fitted.fill_(True)
+    normals = torch.rand(6, 3, SIZE, SIZE)
     with torch.no_grad():
-        scores = model.model(torch.rand(6, 3, SIZE, SIZE)).pred_score
+        model.model.scorer.statistics.update_all(model.model.likelihood_maps(normals))
+        model.model.scorer.statistics.commit()
+        scores = model.model(normals).pred_score
     post = model.post_processor
     high, low = float(scores.max()), float(scores.min())  # finite test frames may fall on either side
     for buffer, value in [(post._image_threshold, high), (post._pixel_threshold, high), (post.image_min, low),
@@ -121,8 +125,12 @@ for node in compiled.get_runtime_model().get_ordered_ops():
     for name in info["originalLayersNames"].astype(str).split(","):
         runtime[name] = info["runtimePrecision"].astype(str)
 (folder / "runtime.json").write_text(json.dumps(runtime))
-outputs = compiled(np.load(folder / "images.npy"))
+images = np.load(folder / "images.npy")
+outputs = compiled(images)
 np.savez(folder / "outputs.npz", **{port.get_any_name(): outputs[port] for port in compiled.outputs})
+exact = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+outputs = exact(images)
+np.savez(folder / "outputs_f32.npz", **{port.get_any_name(): outputs[port] for port in exact.outputs})
 """
 
 
@@ -162,8 +170,12 @@ def test_openvino_export_is_static_keeps_backbone_and_tail_float32_and_matches_t
     by_name = dict(np.load(xml.parent / "outputs.npz"))
     marked_convolutions = [name for name in marked.keys() & convolutions if name in runtime]
     assert marked_convolutions and all(runtime[name] == "f32" for name in marked_convolutions)
-    # within 0.02 of torch on the normalised scale (the untrained CS-Flow's bf16 head moves it by up to 0.013 here)
-    np.testing.assert_allclose(by_name["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=2e-2)
+    exact = dict(np.load(xml.parent / "outputs_f32.npz"))
+    # with the f32 hint the IR is torch; at the default the untrained flow head runs in bf16, which moves an untrained
+    # model's log-likelihoods (tens of nats below the mean) by up to 0.025 of this scale (trained models, whose
+    # accuracy at the default is what matters: benchmarks/default_precision.py)
+    np.testing.assert_allclose(exact["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=1e-3)
+    np.testing.assert_allclose(by_name["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=5e-2)
     torch_map = reference.anomaly_map.numpy().reshape(4, -1)
     ir_map = by_name["anomaly_map"].reshape(4, -1).astype(np.float64)
     for index in range(4):  # per-image pixel ranking: Spearman correlation
