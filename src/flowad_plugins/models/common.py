@@ -1,20 +1,11 @@
-"""What the three flow models share on the Lightning side, and the contract a flow model fulfils.
+"""``FlowAnomalibModule``: what the three flow models share on the Lightning side.
 
-A subclass of ``FlowAnomalibModule``
-
-- sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and calls ``adopt_input_size`` after it;
-- implements ``training_losses(batch)``: one ``FlowLoss`` per optimizer step on the batch, i.e. the loss and
-  the per-scale log-likelihood values of the normal training images it saw;
-- implements ``configure_optimizers`` and ``trainer_arguments``;
-- may override ``check_input_size`` (which sizes the model accepts) and ``build_for_input_size`` (rebuild the
-  parts whose shapes depend on the input size; FastFlow's layer norms).
-
-The base class owns everything else: ``training_step`` (finite-loss check before any update, normal-data
-statistics, manual optimization when a subclass turns automatic optimization off, logging), the input size
-(given as ``input_size`` or by a custom pre-processor; checked; stored in the hyper-parameters; restored with
-its shape-dependent parts from a checkpoint before its state dict loads), the normal-data statistics life cycle
-(``flowad_plugins.statistics``), checks of the training data, random-number states in checkpoints (a resumed
-run continues exactly where it stopped), the evaluator (with AUPRO) and the post-processor.
+A subclass sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and then calls ``adopt_input_size``;
+it implements ``training_losses(batch)`` (one ``FlowLoss`` per optimizer step), ``configure_optimizers`` and
+``trainer_arguments``, and may override ``check_input_size`` and ``build_for_input_size`` (FastFlow's layer norms).
+The base class owns the rest: training steps (finite-loss check, normal-data statistics, manual optimization), the
+input size (checked, kept in the hyper-parameters, rebuilt from a checkpoint), random-number states in checkpoints
+(a resumed run continues exactly), checks of the training data, the evaluator and the post-processor.
 """
 
 from __future__ import annotations
@@ -83,7 +74,15 @@ def check_optimiser_settings(lr: float, **non_negative: float) -> None:
 
 
 class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
-    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module."""
+    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module.
+
+    Common arguments of the three models:
+        input_size: ``(H, W)`` the default pre-processor resizes to; ``None`` = a custom pre-processor's size, else
+            ``DEFAULT_INPUT_SIZE``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
+            ``--seed_everything``), so the same run twice gives the same model; ``None`` leaves the random state alone.
+    """
 
     # input size of the default pre-processor when neither ``input_size`` nor a pre-processor is given
     DEFAULT_INPUT_SIZE: ClassVar[tuple[int, int]] = (256, 256)
@@ -95,11 +94,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         pre_processor: PreProcessor | bool = True,
         **components: Any,
     ) -> None:
-        """``input_size``: ``(H, W)`` the default pre-processor resizes to (``None``: a custom pre-processor's
-        size, else ``DEFAULT_INPUT_SIZE``). ``seed``: when set, ``seed_everything(seed)`` before the subclass
-        builds its networks, so the same ``anomalib train ... --model.seed 0`` twice gives the same model
-        (anomalib's CLI never applies ``--seed_everything``). ``components``: anomalib's post-processor,
-        evaluator and visualizer."""
+        """See the class; ``components``: anomalib's post-processor, evaluator and visualizer."""
         if seed is not None:
             seed_everything(seed, workers=True)
         size = None if input_size is None else validated_input_size(input_size)
@@ -156,12 +151,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """anomalib's default test metrics plus pixel AUPRO (FPR limit 0.3); ranking metrics on validation.
-
-        Validation metrics (prefix ``val_``) are what model and hyper-parameter choices may look at;
-        with a validation split from normal training images (+ synthetic anomalies) they never touch
-        the test set. The pixel-level ones run at the last validation of a fit only (``FlowEvaluator``).
-        """
+        """anomalib's default test metrics plus pixel AUPRO (FPR limit 0.3); ranking metrics on validation
+        (prefix ``val_``, what model choices may look at; pixel-level ones at a fit's last validation only)."""
         val_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="val_image_", strict=False),
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="val_pixel_", strict=False),
@@ -300,15 +291,11 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         checkpoint[MODEL_CLASS_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild for the checkpoint's input size before its state dict loads; when resuming a fit, restore the
-        saved random-number states.
+        """Rebuild for the checkpoint's input size (its pre-processor's, else its ``input_size`` hyper-parameter)
+        before its state dict loads; when resuming a fit, restore the saved random-number states.
 
-        The size is the checkpoint's pre-processor size (anomalib restores the pre-processor here), else its
-        ``input_size`` hyper-parameter: a model built from other ``--model.*`` arguments (``anomalib test
-        --ckpt_path``) gets the shapes it was trained with. Lightning loads the checkpoint after the data set-up
-        and creates the resumed epoch's data iterator (which draws its shuffling seed) before
-        ``on_train_epoch_start``, so this is the last point before that draw. ``load_from_checkpoint`` (no
-        trainer) leaves the global generators alone.
+        This is the last point before the resumed epoch's data iterator draws its shuffling seed (Lightning
+        creates it before ``on_train_epoch_start``). ``load_from_checkpoint`` (no trainer) leaves them alone.
         """
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("hyper_parameters", {}).get("input_size")

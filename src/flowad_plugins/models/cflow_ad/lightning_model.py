@@ -46,9 +46,7 @@ class CflowAD(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_processor, post_processor, evaluator, visualizer, seed: see ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -73,28 +71,15 @@ class CflowAD(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         if fiber_batch_size < 1:
             msg = f"fiber_batch_size must be ≥ 1, got {fiber_batch_size}."
             raise ValueError(msg)
         self.model = CflowADModel(
-            backbone=backbone,
-            layers=list(layers),
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            condition_dim=condition_dim,
-            coupling_blocks=coupling_blocks,
-            clamp_alpha=clamp_alpha,
-            permute_soft=permute_soft,
-            inference_chunk_size=inference_chunk_size,
-            blur_sigma=blur_sigma,
+            backbone=backbone, layers=list(layers), pre_trained=pre_trained, backbone_weights=backbone_weights,
+            condition_dim=condition_dim, coupling_blocks=coupling_blocks, clamp_alpha=clamp_alpha,
+            permute_soft=permute_soft, inference_chunk_size=inference_chunk_size, blur_sigma=blur_sigma,
         )
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size

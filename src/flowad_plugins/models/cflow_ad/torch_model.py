@@ -32,17 +32,7 @@ class CflowADModel(nn.Module):
     coupling flow on fibers conditioned on the 2D positional encoding of the position. In eval mode
     ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``.
 
-    Args:
-        backbone: timm model name.
-        layers: backbone layers, shallow to deep.
-        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
-        backbone_weights: local weights file for the backbone.
-        condition_dim: size of the positional condition (multiple of 4).
-        coupling_blocks: coupling blocks per decoder.
-        clamp_alpha: soft clamp of the coupling scale.
-        permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
-        inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    Arguments: as ``CflowAD``'s of the same name.
     """
 
     # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)

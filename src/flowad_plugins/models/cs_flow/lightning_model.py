@@ -62,9 +62,7 @@ class CSFlow(FlowAnomalibModule):
             validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (640×640). Height and width must be multiples of the backbone stride × 4.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_processor, post_processor, evaluator, visualizer, seed: see ``FlowAnomalibModule``.
     """
 
     LR_SCHEDULES = ("constant", "cosine")
@@ -99,30 +97,16 @@ class CSFlow(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         if lr_schedule not in self.LR_SCHEDULES:
             msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(self.LR_SCHEDULES)}."
             raise ValueError(msg)
         check_optimiser_settings(lr, weight_decay=weight_decay, gradient_clip_norm=gradient_clip_norm)
         self.model = CSFlowModel(
-            backbone=backbone,
-            layer=layer,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            num_scales=num_scales,
-            coupling_blocks=coupling_blocks,
-            kernel_sizes=kernel_sizes,
-            hidden_channels=hidden_channels,
-            clamp_alpha=clamp_alpha,
-            input_norm=input_norm,
-            blur_sigma=blur_sigma,
+            backbone=backbone, layer=layer, pre_trained=pre_trained, backbone_weights=backbone_weights,
+            num_scales=num_scales, coupling_blocks=coupling_blocks, kernel_sizes=kernel_sizes,
+            hidden_channels=hidden_channels, clamp_alpha=clamp_alpha, input_norm=input_norm, blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
         )
         self.adopt_input_size(self.input_size)

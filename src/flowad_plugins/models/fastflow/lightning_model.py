@@ -42,9 +42,7 @@ class FastFlow(FlowAnomalibModule):
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
             ``None`` = a custom pre-processor's size, else the backbone's fixed size (ViTs), else 256×256.
             A checkpoint restores it, whatever the arguments the model was rebuilt with.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_processor, post_processor, evaluator, visualizer, seed: see ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -68,29 +66,15 @@ class FastFlow(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         check_optimiser_settings(lr, weight_decay=weight_decay)
         if input_size is None and isinstance(pre_processor, PreProcessor):
             input_size = self.input_size
         self.model = FastFlowModel(
-            input_size=input_size,
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            flow_steps=flow_steps,
-            conv3x3_only=conv3x3_only,
-            hidden_ratio=hidden_ratio,
-            clamp=clamp,
-            map_log_det=map_log_det,
-            blur_sigma=blur_sigma,
+            input_size=input_size, backbone=backbone, layers=layers, pre_trained=pre_trained,
+            backbone_weights=backbone_weights, flow_steps=flow_steps, conv3x3_only=conv3x3_only,
+            hidden_ratio=hidden_ratio, clamp=clamp, map_log_det=map_log_det, blur_sigma=blur_sigma,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)

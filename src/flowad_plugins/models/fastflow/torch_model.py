@@ -56,19 +56,7 @@ class FastFlowModel(nn.Module):
     per-position log-likelihood (per dimension, optionally with the per-position log-det) feeds the shared
     ``AnomalyScorer``.
 
-    Args:
-        input_size: ``(H, W)`` of the images; ``None`` = the backbone's fixed size, else 256×256.
-        backbone: any timm CNN with ``feature_info`` or a ViT/DeiT/CaiT.
-        layers: backbone layers, shallow to deep; ``None`` = ``default_layers(backbone)``.
-        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
-        backbone_weights: local weights file for the backbone.
-        flow_steps: coupling blocks per scale.
-        conv3x3_only: 3×3 subnets in every step; otherwise 3×3 and 1×1 alternate.
-        hidden_ratio: hidden channels of a subnet = ``hidden_ratio`` × its input channels.
-        clamp: soft clamp ``α`` of the affine coupling.
-        map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
-            default: better localisation on validation data (benchmarks/fastflow_log_det.py).
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    Arguments: as ``FastFlow``'s of the same name.
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
