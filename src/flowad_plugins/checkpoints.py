@@ -1,8 +1,5 @@
-"""Reading checkpoint and weight files with ``weights_only=True`` and errors that say what is wrong with the file.
-
-``torch.load`` on an empty file raises a bare ``EOFError``, on a text file ``UnpicklingError: invalid load key``,
-and Lightning on a plain state dict ``KeyError: 'pytorch-lightning_version'``. ``read_checkpoint`` names the
-parameter and the file and says what it found instead.
+"""Reading checkpoint and weight files with ``weights_only=True`` and errors that say what is wrong with the file
+(instead of ``torch.load``'s bare ``EOFError`` / ``UnpicklingError`` or Lightning's ``KeyError``).
 """
 
 from __future__ import annotations

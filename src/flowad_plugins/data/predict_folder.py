@@ -1,8 +1,7 @@
 """``PredictFolder``: images of a folder for ``anomalib predict``, skipping unreadable files instead of aborting.
 
-anomalib's ``PredictDataset`` raises on the first truncated or empty image (``OSError: image file is truncated``,
-without the file name), losing the run. ``PredictFolder`` logs a warning naming each unreadable file, goes on with
-the rest and reports the skipped files at the end of the pass (log, and ``PredictFolder.skipped``)::
+anomalib's ``PredictDataset`` raises on the first truncated or empty image, without the file name. ``PredictFolder``
+warns naming each unreadable file, goes on, and reports the skipped files at the end of the pass::
 
     anomalib predict --model flowad_plugins.CflowAD --ckpt_path model.ckpt \\
         --data flowad_plugins.data.PredictFolder --data.path images/

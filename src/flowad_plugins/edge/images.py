@@ -1,9 +1,7 @@
 """Reading images for the edge runtime with Pillow and numpy only (no torch).
 
-``read_image`` returns what anomalib's training pipeline feeds the model: RGB ``H×W×3`` float32 in [0, 1].
-On top of anomalib's ``Image.open(...).convert("RGB")`` it applies the EXIF orientation and keeps the full
-range of 16-bit images (Pillow's ``convert("RGB")`` clips 16-bit values at 255, which turns them white).
-Alpha is dropped like ``convert("RGB")`` does, so transparent pixels keep their stored colour.
+``read_image`` returns what anomalib's training pipeline feeds the model, RGB ``H×W×3`` float32 in [0, 1], with the
+EXIF orientation applied and the full range of 16-bit images kept (Pillow's ``convert("RGB")`` clips them at 255).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""Run an exported flow model (OpenVINO IR) with openvino and numpy only: no torch, no anomalib.
+"""Run an exported flow model (OpenVINO IR or ONNX) with openvino and numpy only: no torch, no anomalib.
 
-The IR (``Engine.export(model, ExportType.OPENVINO, ...)``) holds anomalib's whole inference pipeline: one input
-``input B×3×H×W`` (RGB in [0, 1]; H×W static when exported with ``input_size``), the pre-processor's resize and
-ImageNet normalisation, the model, and the post-processor's normalisation and thresholds. Its outputs are
-``pred_score`` (B, 0.5 = the image threshold), ``pred_label`` (B), ``anomaly_map`` (B×1×h×w, normalised) and
-``pred_mask`` (B×1×h×w). ``EdgeModel`` feeds it and reads these back; a frame whose score or map is not finite
-is reported anomalous, with a reason, whatever the threshold says.
+The IR holds anomalib's whole inference pipeline (see ``flowad_plugins.export``): one input ``B×3×H×W`` (RGB in
+[0, 1]), outputs ``pred_score``, ``pred_label``, ``anomaly_map`` and ``pred_mask``. ``EdgeModel`` feeds it and reads
+these back; a frame whose score or map is not finite is reported anomalous, with a reason, whatever the threshold.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Upsampling and Gaussian smoothing of score maps as products with small constant matrices.
 
 Both are linear and separable: a map ``M`` (``h×w``) upsampled to ``H×W`` and smoothed is ``A·M·Bᵀ`` with
-``A = K_H·U_{H←h}`` (``H×h``), ``U`` the bilinear interpolation matrix (``align_corners=False``, as
-``F.interpolate``) and ``K`` the reflect-padded Gaussian. The same two GEMMs run in eager mode and in exported
-graphs (where OpenVINO sees a MatMul on constants instead of Interpolate + Pad + convolutions).
+``A = K_H·U_{H←h}`` (``U``: bilinear interpolation as ``F.interpolate(align_corners=False)``, ``K``: reflect-padded
+Gaussian). The same two GEMMs run in eager mode and in exported graphs (a MatMul on constants instead of Interpolate
++ Pad + convolutions).
 """
 
 from __future__ import annotations
