@@ -1,8 +1,8 @@
 """``FlowAnomalibModule``: what the three flow models share on the Lightning side.
 
 A subclass sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and then calls ``adopt_input_size``;
-it implements ``training_losses(batch)`` (one ``FlowLoss`` per optimizer step), ``configure_optimizers`` and
-``trainer_arguments``, and may override ``check_input_size`` and ``build_for_input_size`` (FastFlow's layer norms).
+it implements ``training_losses(batch)`` (one ``FlowLoss`` per optimizer step) and ``configure_optimizers``, and may
+override ``trainer_arguments``, ``check_input_size`` and ``build_for_input_size`` (FastFlow's layer norms).
 The base class owns the rest: training steps (finite-loss check, normal-data statistics, manual optimization), the
 input size (checked, kept in the hyper-parameters, rebuilt from a checkpoint), random-number states in checkpoints
 (a resumed run continues exactly), checks of the training data, the evaluator and the post-processor.
@@ -77,6 +77,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
     """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module.
 
     Common arguments of the three models:
+        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
+        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         input_size: ``(H, W)`` the default pre-processor resizes to; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE``.
         pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
@@ -174,6 +176,11 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's component callbacks plus the normal-data statistics life cycle."""
         return [*super().configure_callbacks(), NormalStatisticsLifeCycle()]
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping by Lightning; no sanity validation (the scorer has no statistics before training)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -33,8 +32,6 @@ class CflowAD(FlowAnomalibModule):
     Args:
         backbone: timm model name (any CNN with ``feature_info``).
         layers: backbone layers, shallow to deep.
-        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
-        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         condition_dim: positional-encoding size (multiple of 4).
         coupling_blocks: coupling blocks per decoder.
         clamp_alpha: soft clamp of the affine coupling.
@@ -46,7 +43,8 @@ class CflowAD(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
-        pre_processor, post_processor, evaluator, visualizer, seed: see ``FlowAnomalibModule``.
+        pre_trained, backbone_weights, pre_processor, post_processor, evaluator, visualizer, seed: see
+            ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -118,8 +116,3 @@ class CflowAD(FlowAnomalibModule):
                 loss = loss + (-F.logsigmoid(log_likelihood)).mean()
                 log_likelihoods.append(log_likelihood if step < len(order) else None)  # each fiber counted once
             yield FlowLoss(loss, log_likelihoods)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping by Lightning (manual optimization); no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -28,8 +27,6 @@ class FastFlow(FlowAnomalibModule):
     Args:
         backbone: any timm CNN (``features_only``) or ViT/DeiT/CaiT; anomalib's four are not a limit.
         layers: backbone layers, shallow to deep; ``None`` = first three stages (CNN) or the paper's block (ViT).
-        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
-        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         flow_steps: coupling blocks per scale (paper: 8 for CNNs, 20 for transformers).
         conv3x3_only: 3×3 subnets only (paper's ResNet18 setting) instead of alternating 3×3/1×1.
         hidden_ratio: subnet hidden channels / input channels (paper: 1.0 CNNs, 0.16 transformers).
@@ -42,7 +39,8 @@ class FastFlow(FlowAnomalibModule):
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
             ``None`` = a custom pre-processor's size, else the backbone's fixed size (ViTs), else 256×256.
             A checkpoint restores it, whatever the arguments the model was rebuilt with.
-        pre_processor, post_processor, evaluator, visualizer, seed: see ``FlowAnomalibModule``.
+        pre_trained, backbone_weights, pre_processor, post_processor, evaluator, visualizer, seed: see
+            ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -101,8 +99,3 @@ class FastFlow(FlowAnomalibModule):
             map_values = log_likelihood if self.model.map_log_det else self.model.log_likelihood_map(z, log_det)
             log_likelihoods.append(map_values)
         yield FlowLoss(loss, log_likelihoods)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping; no sanity validation (the scorer has no statistics before training)."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
