@@ -29,15 +29,9 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on CPU (memory-mapped when the file allows it), as a dict.
 
-    Args:
-        path: the file.
-        parameter: name of the argument that gave ``path``, used in error messages.
-        required_keys: top-level keys the file must hold (e.g. ``LIGHTNING_CHECKPOINT_KEYS``).
-        safe_globals: extra types allowed by ``weights_only`` unpickling (anomalib's enums in checkpoints).
-
-    Raises:
-        CheckpointFileError: missing, a folder, empty, not a torch file, holding non-tensor objects, not a dict,
-            or without ``required_keys``.
+    ``CheckpointFileError`` naming ``parameter`` (the argument that gave ``path``) when the file is missing, a folder,
+    empty, not a torch file, holds non-tensor objects, is not a dict or lacks ``required_keys``. ``safe_globals``:
+    extra types ``weights_only`` unpickling allows (anomalib's enums in checkpoints).
     """
     path = Path(path).expanduser()
     where = f"{parameter}={str(path)!r}"

@@ -53,8 +53,7 @@ class AffineCouplingBlock(nn.Module):
 
     Args:
         channels: ``C`` (≥ 2).
-        subnet_constructor: ``(c_in, c_out) -> nn.Module`` mapping ``⌈C/2⌉ + condition_channels`` channels to
-            ``2·⌊C/2⌋`` (axis 1).
+        subnet_constructor: ``(c_in, c_out) -> nn.Module``, ``⌈C/2⌉ + condition_channels`` → ``2·⌊C/2⌋`` channels.
         clamp: ``α``, bound of the log-scale.
         spatial_dims: 0 for fibers ``N×C``, 2 for maps ``B×C×h×w``.
         condition_channels: channels of the condition concatenated to ``x₁`` (0 = unconditional).

@@ -72,15 +72,8 @@ class CrossScaleSubnet(nn.Module):
 
 
 class CrossScaleCoupling(nn.Module):
-    """One affine coupling block over all scales (two half-steps, see module docstring).
-
-    Args:
-        channels: feature channels ``C`` (≥ 2), the same at every scale.
-        hidden_channels: subnet width.
-        kernel_size: subnet convolution kernel (odd).
-        clamp_alpha: soft clamp ``α`` of the log-scale.
-        num_scales: number of scales ``S``.
-    """
+    """One affine coupling block over all scales (two half-steps, see the module docstring) on ``channels`` ``C`` at
+    every scale, with subnets of ``hidden_channels`` and odd ``kernel_size`` and soft clamp ``clamp_alpha``."""
 
     def __init__(
         self, channels: int, hidden_channels: int, kernel_size: int, clamp_alpha: float, num_scales: int = 3
@@ -176,16 +169,9 @@ class MultiScaleActNorm(nn.Module):
 class CrossScaleFlow(nn.Module):
     """CS-Flow: ``coupling_blocks`` × (fixed channel permutation → ``CrossScaleCoupling``).
 
-    Args:
-        channels: feature channels ``C`` at every scale (≥ 2).
-        num_scales: number of scales ``S`` (≥ 2).
-        coupling_blocks: number of blocks.
-        kernel_sizes: subnet kernel of each block (odd; length ``coupling_blocks``). ``None``: 3 for all but
-            the last block, 5 for the last (the paper's ``[3, 3, 3, 5]``).
-        hidden_channels: subnet width; ``None`` ties it to ``channels`` (compact). The paper uses 1024.
-        clamp_alpha: soft clamp ``α`` (paper: 3).
-        seed: seed of the fixed channel permutations.
-        input_norm: start with a ``MultiScaleActNorm`` (data-initialised per-channel affine; not in the paper).
+    ``channels`` ``C`` (≥ 2) at each of ``num_scales`` scales ``S`` (≥ 2); ``kernel_sizes``: one odd subnet kernel
+    per block (``None``: the paper's ``[3, …, 3, 5]``); ``hidden_channels``: subnet width (``None``: ``C``); ``seed``:
+    of the fixed permutations; ``input_norm``: start with a ``MultiScaleActNorm`` (not in the paper).
 
     Shapes: ``forward([B×C×h_l×w_l] * S) -> ([B×C×h_l×w_l] * S, log|det J| B)``.
     """

@@ -80,16 +80,10 @@ def fold_conditional_flow(flow: CouplingFlow, condition_table: torch.Tensor) -> 
         bias = last.bias if last.bias is not None else last.weight.new_zeros(last.weight.shape[0])
         mixing_weight, mixing_bias = block.mixing_affine()
         steps.append(FiberStep(
-            splits=block.splits,
-            clamp=block.clamp,
-            input_weight=first.weight[:, :split].contiguous(),
-            condition_term=F.linear(condition_table, first.weight[:, split:], first.bias),
-            middle=list(middle),
-            output_weight=COEFFICIENT_SCALE * last.weight,
-            output_bias=COEFFICIENT_SCALE * bias,
-            mixing_weight=mixing_weight,
-            mixing_bias=mixing_bias,
-            log_det_constant=block.log_det_constant(),
+            splits=block.splits, clamp=block.clamp, input_weight=first.weight[:, :split].contiguous(),
+            condition_term=F.linear(condition_table, first.weight[:, split:], first.bias), middle=list(middle),
+            output_weight=COEFFICIENT_SCALE * last.weight, output_bias=COEFFICIENT_SCALE * bias,
+            mixing_weight=mixing_weight, mixing_bias=mixing_bias, log_det_constant=block.log_det_constant(),
         ))
     return steps
 

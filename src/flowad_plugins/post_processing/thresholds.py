@@ -28,16 +28,9 @@ def required_normal_images(fpr: float) -> int:
 
 
 def false_alarm_threshold(normal_scores: torch.Tensor, fpr: float, allow_fewer: bool = False) -> tuple[float, int]:
-    """Threshold flagging about ``fpr`` of new normal scores: the ``k``-th largest of ``normal_scores``.
-
-    Args:
-        normal_scores: scores of normal samples, any shape (flattened), ``n`` values.
-        fpr: wanted false-alarm rate in (0, 1).
-        allow_fewer: with ``⌊fpr·(n+1)⌋ < 1`` use the largest score (rate ``1/(n+1)``) instead of raising.
-
-    Returns:
-        (raw threshold, rank ``k``); flag ``score > threshold``. Expected rate ``k/(n+1) ≤ fpr``.
-    """
+    """``(raw threshold, k)`` flagging about ``fpr`` of new normal scores: the ``k``-th largest of the ``n`` values of
+    ``normal_scores`` (any shape), ``k = ⌊fpr·(n+1)⌋``; flag ``score > threshold`` (expected rate ``k/(n+1) ≤ fpr``).
+    ``allow_fewer``: with ``k < 1`` use the largest score (rate ``1/(n+1)``) instead of raising."""
     values = normal_scores.detach().flatten().float()
     count = values.numel()
     rank = math.floor(fpr * (count + 1) + 1e-9)

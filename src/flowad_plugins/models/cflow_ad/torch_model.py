@@ -78,11 +78,9 @@ class CflowADModel(nn.Module):
     ) -> torch.Tensor:
         """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
 
-        ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional
-        condition is projected once per position (``flows.fiber_flow_forward``), not per fiber; without
-        gradients the projection is cached until the decoder's parameters change (eager only: exported graphs
-        take ``log_likelihood_maps``' map form, which never reads the cache). The flow runs in float32 even under
-        autocast (``flowad_plugins.precision``).
+        ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional condition
+        is projected once per position; without gradients that projection is cached until the decoder's parameters
+        change (exported graphs take the map form, which never reads the cache). The flow runs in float32.
         """
         with float32_region(fibers.device.type):
             return self._fiber_log_likelihood(layer, as_float32(fibers), positions, map_size)
@@ -105,12 +103,9 @@ class CflowADModel(nn.Module):
         return gaussian_log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one vectorised pass.
-
-        Chunked by whole images (at least one) only when a batch has more than ``inference_chunk_size``
-        fibers, to bound memory; the positional condition is broadcast, not gathered. Exported graphs run the
-        flows on the maps themselves (``flows.map_flow_forward``: 1×1 convolutions with a per-position bias, no
-        layout changes), which OpenVINO runs with fewer ops than the fiber form.
+        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one vectorised pass (chunked by
+        whole images only beyond ``inference_chunk_size`` fibers). Exported graphs run the flows on the maps
+        themselves (``flows.map_flow_forward``), which OpenVINO runs with fewer ops than the fiber form.
         """
         # measured both ways: eager fibers 18–30 % faster than maps (flow_forms.md), OpenVINO maps faster
         # (openvino_profile.md); the map form also keeps the eager step cache out of graphs

@@ -21,13 +21,11 @@ from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 class CSFlowModel(nn.Module):
     """CS-Flow (Rudolph et al., WACV 2022) as a plain ``nn.Module``.
 
-    The image is box-downsampled by 2 and 4 inside the model; the same backbone layer (stride ``r``) maps
-    the three images to ``B×C×H/r×W/r``, ``B×C×H/2r×W/2r``, ``B×C×H/4r×W/4r``; a ``CrossScaleFlow`` maps
-    them jointly to latents ``z_l``. The log-likelihood map of scale ``l`` is ``−‖z_l‖²/(2C)`` per position;
-    ``AnomalyScorer`` standardises it with normal-training statistics, upsamples and averages the scales.
-
-    In eval mode ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``;
-    in train mode ``(latents [B×C×h_l×w_l], log|det J| B)``.
+    The image is box-downsampled by 2 and 4 inside the model; the same backbone layer (stride ``r``) maps the three
+    images to ``B×C×H/r×W/r``, ``B×C×H/2r×W/2r``, ``B×C×H/4r×W/4r``, which a ``CrossScaleFlow`` maps jointly to
+    latents ``z_l``. The log-likelihood map of scale ``l`` is ``−‖z_l‖²/(2C)`` per position (``AnomalyScorer``
+    combines the scales). ``forward(images B×3×H×W)``: eval ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``,
+    train ``(latents [B×C×h_l×w_l], log|det J| B)``.
 
     Arguments: as ``CSFlow``'s of the same name.
     """

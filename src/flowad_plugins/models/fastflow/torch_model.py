@@ -17,14 +17,9 @@ from flowad_plugins.input_guard import checks_images, flags_non_finite_frames, v
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
-# The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
-PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
-    "deit_base_distilled_patch16_384": "blocks.7",
-    "cait_m48_448": "blocks.40",
-}
+# The paper's transformer feature blocks (Yu et al. 2021, Table 6)
+PAPER_TRANSFORMER_LAYERS: dict[str, str] = {"deit_base_distilled_patch16_384": "blocks.7", "cait_m48_448": "blocks.40"}
 DEFAULT_INPUT_SIZE = (256, 256)
-# The backbone runs channels-last (see FeatureExtractor); the flows run on NCHW maps, where their channel split,
-# concatenation and permutation copy whole planes.
 
 
 def default_layers(backbone: str) -> list[str]:
@@ -50,11 +45,9 @@ def default_layers(backbone: str) -> list[str]:
 class FastFlowModel(nn.Module):
     """FastFlow (Yu et al. 2021) as a plain ``nn.Module``.
 
-    Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` built from the
-    real feature shape at ``input_size``; transformers: the backbone's own pretrained final norm), then
-    mapped to ``z`` by a 2D flow of affine coupling blocks with conv subnets (``flows.conv_flow``). The
-    per-position log-likelihood (per dimension, optionally with the per-position log-det) feeds the shared
-    ``AnomalyScorer``.
+    Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` at ``input_size``;
+    transformers: the backbone's own final norm), then mapped to ``z`` by a 2D flow (``flows.conv_flow``). The
+    per-position log-likelihood (optionally with the per-position log-det) feeds the shared ``AnomalyScorer``.
 
     Arguments: as ``FastFlow``'s of the same name.
 
@@ -156,7 +149,7 @@ class FastFlowModel(nn.Module):
 
         Under autocast only the backbone runs in reduced precision; norms and flows stay float32.
         """
-        features = self.encoder(images)
+        features = self.encoder(images)  # channels-last; the flows run on NCHW, where channel splits copy whole planes
         with float32_region(images.device.type):
             return [flow(norm(as_float32(feature)).contiguous())
                     for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
