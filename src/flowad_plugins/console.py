@@ -81,10 +81,8 @@ _installed = False
 
 
 def install_console_filters(force: bool = False) -> bool:
-    """Install the filters once (``force``: again, e.g. after ``warnings.resetwarnings``). Returns whether it did.
-
-    Does nothing when the environment sets ``FLOWAD_VERBOSE`` to anything but ``""``/``"0"``.
-    """
+    """Install the filters once (``force``: again, e.g. after ``warnings.resetwarnings``); returns whether it did.
+    Does nothing when the environment sets ``FLOWAD_VERBOSE`` to anything but ``""``/``"0"``."""
     global _installed
     if (_installed and not force) or os.environ.get("FLOWAD_VERBOSE", "0") not in ("", "0"):
         return False

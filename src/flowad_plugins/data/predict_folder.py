@@ -47,8 +47,7 @@ class PredictFolder(IterableDataset):
         path: folder of images (the suffixes anomalib reads) or a single image file.
         transform: optional transform of each image ``3×H×W`` (the model's pre-processor resizes anyway).
 
-    After a pass, ``skipped`` lists ``{"path", "reason"}`` of the files left out (in the process that read them:
-    with ``num_workers > 0`` each worker logs its own).
+    After a pass, ``skipped`` lists ``{"path", "reason"}`` of the files this process left out.
     """
 
     def __init__(self, path: str | Path, transform: Transform | None = None) -> None:

@@ -25,11 +25,9 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB image ``H×W×3`` float32 in [0, 1] from ``path``, EXIF orientation applied (height/width as displayed).
-
-    Modes: RGB/RGBA/LA/P/PA/L/1/CMYK/YCbCr via Pillow's conversion; 16-bit grayscale (``I;16*``, ``I``) scaled by
-    1/65535; float (``F``) clipped to [0, 1]. Pillow decodes 16-bit RGB PNGs to 8-bit RGB (the high byte), so their
-    range is kept too. Raises ``ImageReadError`` naming the file when it cannot be decoded.
+    """RGB image ``H×W×3`` float32 in [0, 1] from ``path``, EXIF orientation applied; ``ImageReadError`` naming the
+    file when it cannot be decoded. 16-bit grayscale is scaled by 1/65535, float (``F``) clipped to [0, 1], any
+    other mode converted by Pillow (which decodes 16-bit RGB PNGs to their high byte, so their range is kept too).
     """
     path = Path(path)
     try:

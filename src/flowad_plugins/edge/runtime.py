@@ -69,10 +69,8 @@ class EdgeModel:
     Args:
         path: the IR's ``model.xml`` (``model.bin`` next to it) or an ``.onnx`` file.
         device: OpenVINO device, e.g. ``"CPU"``.
-        precision: ``"auto"`` (``resolve_precision``: the CPU's default for IRs marked as our exports are, else
-            float32), ``"f32"`` (float32 on CPU, as the torch model computes), ``"default"`` (the plugin's
-            choice, bf16 on CPUs with AMX/AVX512-BF16), or a forced ``"bf16"`` / ``"f16"``
-            (``flowad_plugins.edge.settings.PRECISIONS``).
+        precision: ``"auto"`` (``resolve_precision``), ``"f32"`` (as the torch model computes), ``"default"`` (the
+            plugin's choice: bf16 on CPUs with AMX/AVX512-BF16), or a forced ``"bf16"`` / ``"f16"``.
         threshold: image threshold on the normalised score; default: the model's (``choose_threshold``).
         num_threads: CPU inference threads (``None``: OpenVINO's default).
     """

@@ -121,10 +121,8 @@ class AffineCouplingBlock(nn.Module):
         return self.subnet(subnet_input) * COEFFICIENT_SCALE
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (``N×C`` or ``B×C×h×w``), condition (``N×P`` / ``B×P×h×w``, or ``None``) → ``(y, log|det J|)``.
-
-        ``y`` has the shape of ``x``; the log-det is per position (``N`` or ``B×h×w``).
-        """
+        """``x`` (``N×C`` or ``B×C×h×w``), condition (``N×P`` / ``B×P×h×w``, or ``None``) → ``(y`` shaped as ``x``,
+        ``log|det J|`` per position ``N`` or ``B×h×w)``."""
         x1, x2 = torch.split(x, self.splits, dim=1)
         x2, log_scale = affine_forward(x2, self.coupling_coefficients(x1, condition), self.clamp,
                                        tanh_clamp_via_sigmoid)

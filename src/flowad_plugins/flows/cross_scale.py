@@ -27,10 +27,9 @@ __all__ = ["CrossScaleCoupling", "CrossScaleFlow", "CrossScaleSubnet", "MultiSca
 class CrossScaleSubnet(nn.Module):
     """Subnet mixing ``num_scales`` maps: ``[B×c_in×h_l×w_l] -> [B×c_out×h_l×w_l]``.
 
-    Per scale ``l``: ``u_l = LeakyReLU(conv_in_l(x_l))`` (width ``hidden``), then
-    ``out_l = γ_l·(conv_same_l(u_l) + conv_down(u_{l-1}, stride 2) + up(conv_up(u_{l+1})))``. The coarser
-    scale is convolved at its own resolution, then upsampled bilinearly to ``h_l×w_l`` (cheaper than
-    convolving after upsampling). ``γ`` starts at 0.
+    Per scale ``l``: ``u_l = LeakyReLU(conv_in_l(x_l))`` (width ``hidden``), then ``out_l = γ_l·(conv_same_l(u_l) +
+    conv_down(u_{l-1}, stride 2) + up(conv_up(u_{l+1})))``, the coarser scale convolved at its own resolution
+    (cheaper), then upsampled bilinearly. ``γ`` starts at 0.
     """
 
     def __init__(
@@ -118,9 +117,8 @@ class CrossScaleCoupling(nn.Module):
 class MultiScaleActNorm(nn.Module):
     """Per-scale, per-channel affine ``y = (x + b)·exp(s)`` (Glow's ActNorm), initialised from the first batch.
 
-    The first training batch sets ``b = −mean`` and ``s = −log std`` per scale and channel, so the coupling
-    blocks start on standardised features (backbone features have scales of ~10, far from ``N(0, 1)``; a few
-    CPU epochs are not enough to learn that). Exact log-det ``Σ_l h_l·w_l·Σ_c s_{l,c}``.
+    ``b = −mean``, ``s = −log std`` per scale and channel of the first training batch: backbone features have scales
+    of ~10, too far from ``N(0, 1)`` for a few CPU epochs to learn. Exact log-det ``Σ_l h_l·w_l·Σ_c s_{l,c}``.
     """
 
     def __init__(self, channels: int, num_scales: int) -> None:

@@ -52,12 +52,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class FlowLoss(NamedTuple):
-    """What one optimizer step of a flow model computed.
-
-    ``loss``: the scalar to minimise. ``log_likelihoods[l]``: log-likelihoods per dimension (any shape) of the
-    normal training data at scale ``l`` that this step saw, for the scorer's statistics; ``None`` where a
-    scale saw nothing new in this step.
-    """
+    """One optimizer step of a flow model: ``loss`` (the scalar to minimise) and ``log_likelihoods[l]``, the
+    log-likelihoods per dimension (any shape) of the normal data at scale ``l`` this step saw (for the scorer's
+    statistics; ``None`` where a scale saw nothing new)."""
 
     loss: torch.Tensor
     log_likelihoods: Sequence[torch.Tensor | None]
@@ -110,11 +107,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     @abstractmethod
     def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
-        """Yield one ``FlowLoss`` per optimizer step on ``batch`` (exactly one under automatic optimization).
-
-        With manual optimization the base class steps the optimizer after each yielded loss, so a generator
-        computes each step's loss with the weights left by the previous step.
-        """
+        """Yield one ``FlowLoss`` per optimizer step on ``batch`` (exactly one under automatic optimization); with
+        manual optimization the optimizer steps after each, so each loss sees the previous step's weights."""
 
     def check_input_size(self, input_size: tuple[int, int]) -> None:
         """Raise ``ValueError`` naming ``input_size`` when the model cannot use it (default: the encoder's check)."""
@@ -240,11 +234,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         return {"loss": mean_loss if manual else last_loss}
 
     def check_finite_loss(self, loss: torch.Tensor, images: torch.Tensor | None = None) -> None:
-        """Stop training with a clear message, naming the likely cause, when ``loss`` is NaN or infinite.
-
-        Called before ``backward``: the weights (and every checkpoint written so far) stay as they were.
-        ``images`` (``B×3×H×W``, the batch) lets the message tell bad data from a diverging optimisation.
-        """
+        """Stop training with a message naming the likely cause when ``loss`` is NaN or infinite. Called before
+        ``backward``, so the weights stay intact; ``images`` (``B×3×H×W``) tells bad data from a divergence."""
         finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
         if distributed_world_size() > 1:  # every rank stops together, none waits in the next all-reduce
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)

@@ -60,9 +60,8 @@ class CSFlow(FlowAnomalibModule):
     """
 
     LR_SCHEDULES = ("constant", "cosine")
-    # 640 px was chosen on bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json; the paper
-    # uses 768 px); layer blocks.2 (stride 8: an 80×80 finest map at 640 px) over blocks.4 (stride 16) on validation
-    # with small synthetic defects of bottle, tire and generated data (benchmarks/results/local_defect_validation.md).
+    # 640 px over 256 and 512 px on bottle validation (benchmarks/results/bottle/csflow*.json; paper: 768 px), with
+    # blocks.2 over blocks.4 on small defects (benchmarks/results/local_defect_validation.md)
     DEFAULT_INPUT_SIZE = (640, 640)
 
     def __init__(
