@@ -20,11 +20,11 @@ strictly increasing, in (0, 1), so unlike anomalib's clamp no test scores tie at
 threshold report are plain data in the checkpoint. ``write_threshold_metadata`` stamps the report into an export.
 """
 
-from .metadata import read_threshold_metadata, write_threshold_metadata
+from .metadata import METADATA_KEY, read_threshold_metadata, write_threshold_metadata
 from .processor import FlowPostProcessor
 from .thresholds import MIN_NORMAL_IMAGES_FOR_PIXEL_FPR, false_alarm_threshold, required_normal_images
 
 __all__ = [
-    "MIN_NORMAL_IMAGES_FOR_PIXEL_FPR", "FlowPostProcessor", "false_alarm_threshold", "read_threshold_metadata",
-    "required_normal_images", "write_threshold_metadata",
+    "METADATA_KEY", "MIN_NORMAL_IMAGES_FOR_PIXEL_FPR", "FlowPostProcessor", "false_alarm_threshold",
+    "read_threshold_metadata", "required_normal_images", "write_threshold_metadata",
 ]
