@@ -1,8 +1,5 @@
-"""Reading checkpoint and weight files with ``weights_only=True`` and errors that say what is wrong with the file.
-
-``torch.load`` on an empty file raises a bare ``EOFError``, on a text file ``UnpicklingError: invalid load key``,
-and Lightning on a plain state dict ``KeyError: 'pytorch-lightning_version'``. ``read_checkpoint`` names the
-parameter and the file and says what it found instead.
+"""Reading checkpoint and weight files with ``weights_only=True`` and errors that say what is wrong with the file
+(instead of ``torch.load``'s bare ``EOFError`` / ``UnpicklingError`` or Lightning's ``KeyError``).
 """
 
 from __future__ import annotations
@@ -32,15 +29,9 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on CPU (memory-mapped when the file allows it), as a dict.
 
-    Args:
-        path: the file.
-        parameter: name of the argument that gave ``path``, used in error messages.
-        required_keys: top-level keys the file must hold (e.g. ``LIGHTNING_CHECKPOINT_KEYS``).
-        safe_globals: extra types allowed by ``weights_only`` unpickling (anomalib's enums in checkpoints).
-
-    Raises:
-        CheckpointFileError: missing, a folder, empty, not a torch file, holding non-tensor objects, not a dict,
-            or without ``required_keys``.
+    ``CheckpointFileError`` naming ``parameter`` (the argument that gave ``path``) when the file is missing, a folder,
+    empty, not a torch file, holds non-tensor objects, is not a dict or lacks ``required_keys``. ``safe_globals``:
+    extra types ``weights_only`` unpickling allows (anomalib's enums in checkpoints).
     """
     path = Path(path).expanduser()
     where = f"{parameter}={str(path)!r}"

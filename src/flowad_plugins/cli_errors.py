@@ -1,22 +1,17 @@
 """User mistakes on the ``anomalib`` command line end in a few clear lines instead of a 200-line traceback.
 
-anomalib's CLI installs rich's traceback printer as ``sys.excepthook`` and lets every exception escape, so a wrong
-backbone name, a missing folder or a missing mask file ends in a boxed traceback through jsonargparse, Lightning and
-pandas, with the useful message buried in it. anomalib offers no error hook, and the plugin is imported only while
-the CLI parses its arguments; so when ``flowad_plugins`` is imported inside that CLI, ``install_compact_errors``
-puts a hook in front of anomalib's that prints ``error: <message>`` for a *user error* and passes everything else
-on unchanged (a real bug keeps its full traceback). A user error is:
+anomalib's CLI prints every exception with rich's boxed traceback and offers no error hook; so when
+``flowad_plugins`` is imported inside that CLI, ``install_compact_errors`` puts a ``sys.excepthook`` in front of
+anomalib's that prints ``error: <message>`` for a *user error* and passes everything else on (a real bug keeps its
+traceback). A user error is:
 
-- a ``ValueError`` / ``TypeError`` / ``ImportError`` / ``OSError`` raised by a ``raise`` statement of this package
-  (our checks name the parameter and the allowed values), also when jsonargparse caught it while building the
-  ``--model`` / ``--data`` class and re-raised it wrapped in a "Does not validate against any of the Union
-  subtypes" message;
-- a ``FileNotFoundError`` / ``NotADirectoryError`` from anywhere (a path the user gave does not exist);
-- any error inside anomalib's ``make_folder_dataset`` when a defective image has no mask (pandas then fails with
-  "NumPy boolean array indexing assignment cannot assign 3 input values …"): the message names the image and the
-  mask path anomalib expects.
+- a ``ValueError`` / ``TypeError`` / ``ImportError`` / ``OSError`` raised by this package's code, also when
+  jsonargparse wrapped it in a "Does not validate against any of the Union subtypes" message;
+- a ``FileNotFoundError`` / ``NotADirectoryError`` from anywhere;
+- any error inside anomalib's ``make_folder_dataset`` when a defective image has no mask: the message names the
+  image and the mask path anomalib expects.
 
-The process still exits with status 1. ``FLOWAD_VERBOSE=1`` keeps anomalib's traceback. No torch import here.
+The exit status stays 1. ``FLOWAD_VERBOSE=1`` keeps anomalib's traceback. No torch import here.
 """
 
 from __future__ import annotations

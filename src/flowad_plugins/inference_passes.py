@@ -1,10 +1,8 @@
 """Eval-mode inference over a batch in cache-sized passes of whole images.
 
-On a CPU a backbone + flow runs faster on a few images at a time than on a large batch at once, because the
-activations of a few images stay in cache: CflowAD (efficientnet_lite0, 256 px, 2 EPYC cores) takes 103 ms for a
-batch of 8 in one pass and 72 ms in two passes of 4 (``benchmarks/results/cflow_cpu_speed.md``, "one pass"
-column). Every image is scored independently of its batch, so passes change no output. Training, export and graph
-capture always run one pass.
+On a CPU a backbone + flow runs faster on a few images at a time, whose activations stay in cache: CflowAD
+(efficientnet_lite0, 256 px, 2 cores) takes 103 ms for a batch of 8 in one pass, 72 ms in two passes of 4
+(``benchmarks/results/cflow_cpu_speed.md``). Every image is scored independently, so passes change no output.
 """
 
 from __future__ import annotations

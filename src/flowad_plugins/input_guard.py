@@ -1,18 +1,13 @@
 """A broken frame is never reported as normal.
 
-Two kinds of broken frame reach a model. A non-finite pixel (NaN or ±inf: a failed read, an overflowed conversion)
-would flow through the backbone as NaN and end as a NaN score, which every threshold comparison reads as "not
-above": normal. A frame in the wrong value range (0–255 instead of 0–1: a missing ``/ 255``) gives features far
-outside anything the flow saw, whose score means nothing. ``flags_non_finite_frames`` wraps a torch model's eval
-``forward(images B×3×H×W)``, which sees the pre-processor's output (ImageNet-normalised, where an image in [0, 1]
-lies within [-2.2, 2.7]): a frame with a non-finite pixel or one beyond ``±MAX_NORMALISED_PIXEL`` is computed on
-zeros (nothing non-finite reaches the other images or the graph's reductions) and then gets ``pred_score = +inf``
-and an anomaly map of ``+inf`` everywhere, so every threshold labels it anomalous and the whole mask is set. The
-rule is part of the forward, so the exported ONNX/OpenVINO graphs give the same outcome as torch. Eager calls also
-log a warning naming how many frames of the batch were affected, and why.
+A non-finite pixel (a failed read) would end as a NaN score, which every threshold reads as normal; a frame in the
+wrong range (0–255: a missing ``/ 255``) gives a meaningless score. ``flags_non_finite_frames`` wraps a torch
+model's eval ``forward(images B×3×H×W)``, which sees the pre-processor's (ImageNet-normalised) output: a frame with
+a non-finite pixel or one beyond ``±MAX_NORMALISED_PIXEL`` is computed on zeros (nothing non-finite reaches the
+graph's reductions), then gets ``pred_score = +inf`` and an all-``+inf`` anomaly map, so every threshold flags it.
+The rule is part of the forward, so exported graphs behave as torch does; eager calls also log a warning.
 
-``checks_images`` runs a torch model's own size check (``module.check_images``) before its forward, in train and
-eval mode, and never while a graph is captured (see ``checks_images``).
+``checks_images`` runs a torch model's own size check (``module.check_images``) before its forward.
 """
 
 from __future__ import annotations
@@ -31,6 +26,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MAX_NORMALISED_PIXEL", "check_channels", "checks_images", "finite_frames", "flags_non_finite_frames",
            "plausible_frames", "validated_input_size"]
 
+# largest |value| of a pre-processed pixel: ImageNet normalisation maps [0, 1] into [-2.2, 2.7] (plus resize
+# overshoot), while a 0–255 frame gives up to about 1,100
 MAX_NORMALISED_PIXEL = 8.0
 
 
@@ -41,8 +38,6 @@ def validated_input_size(input_size: Sequence[int]) -> tuple[int, int]:
         msg = f"input_size must be two positive integers (H, W), e.g. [256, 256]; got {input_size!r}."
         raise ValueError(msg)
     return int(input_size[0]), int(input_size[1])
-"""Largest |value| a pre-processed pixel may take: an input pixel of about 2.2 after ImageNet normalisation, far
-beyond [0, 1] (and any resize overshoot), yet below what a 0–255 frame gives (up to about 1,100)."""
 
 
 def finite_frames(images: torch.Tensor) -> torch.Tensor:
@@ -83,11 +78,8 @@ def flags_non_finite_frames(forward: Callable[[torch.nn.Module, torch.Tensor], o
 
 
 def checks_images(forward: Callable[[torch.nn.Module, torch.Tensor], object]) -> Callable:
-    """Decorate a torch model's ``forward(images B×3×H×W)`` to call ``module.check_images(images)`` first.
-
-    The check raises a clear ``ValueError`` for a size the model cannot take. It is skipped while a graph is
-    captured: there the sizes may be symbolic (dynamic export), and a Python check on them would pin or reject them.
-    """
+    """Decorate a torch model's ``forward(images B×3×H×W)`` to call ``module.check_images(images)`` first (a clear
+    ``ValueError`` for a size the model cannot take)."""
 
     @functools.wraps(forward)
     def checked(module: torch.nn.Module, images: torch.Tensor) -> object:

@@ -1,11 +1,9 @@
 """Mixed precision: the frozen backbone may run in bf16/fp16, the flows and scores always run in float32.
 
-Under Lightning's ``precision="bf16-mixed"`` / ``"16-mixed"`` every training, validation and test step runs
-inside ``torch.autocast``. The backbone (frozen, most of the inference FLOPs) profits from that; a flow does
-not tolerate it: its log-determinant is a sum of hundreds of log-scales per position and its likelihood a
-difference of large terms, which bf16 (8-bit mantissa) or fp16 (overflow past 65504) would corrupt. The
-models therefore cast the features to float32 and run the flow, the likelihood and the scoring inside
-``float32_region``, which switches autocast off only where it is on (so traced/exported graphs are unchanged).
+Under Lightning's ``"bf16-mixed"`` / ``"16-mixed"`` every step runs inside ``torch.autocast``. The backbone profits;
+a flow does not tolerate it: its log-determinant sums hundreds of log-scales per position and its likelihood is a
+difference of large terms, which bf16 (8-bit mantissa) or fp16 (overflow past 65504) would corrupt. So the models
+run the flow, the likelihood and the scoring on float32 features inside ``float32_region``.
 """
 
 from __future__ import annotations

@@ -14,11 +14,8 @@ def warmup_cosine(
     warmup_fraction: float = 0.05,
     min_lr_ratio: float = 1e-3,
 ) -> LambdaLR:
-    """Linear warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to ``min_lr_ratio``·lr.
-
-    An unknown length (``total_steps`` infinite or < 1, e.g. ``max_epochs=-1``) keeps the LR constant
-    after warm-up. The scheduler's state is saved in checkpoints, so a resumed run continues the curve.
-    """
+    """Linear warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to ``min_lr_ratio``·lr; an
+    unknown length (``total_steps`` infinite or < 1, e.g. ``max_epochs=-1``) keeps the LR constant after warm-up."""
     if not 0 <= warmup_fraction < 1:
         msg = f"warmup_fraction must be in [0, 1), got {warmup_fraction}."
         raise ValueError(msg)

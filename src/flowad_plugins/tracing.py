@@ -1,9 +1,7 @@
 """Whether the model is being captured as a graph (ONNX export, ``torch.export``, tracing, ``torch.compile``).
 
 A branch on it is kept only for correctness (caches that must not leak into a graph, Python checks on tensor values
-or sizes, batch splitting that would fix a dynamic batch) or for a measured gain (CflowAD's fiber vs map form), each
-with a one-line comment saying which; an exported graph stays general (dynamic batch) and never bakes in a cached
-tensor.
+or sizes, batch splitting that would fix a dynamic batch) or for a measured gain, each with a comment saying which.
 """
 
 from __future__ import annotations

@@ -23,15 +23,12 @@ def folded_conv_parameters(
 def fold_batch_norms(
     model: nn.Module, example_input_size: tuple[int, int], tolerance: float = 1e-4
 ) -> list[tuple[str, str, float]]:
-    """Fold every eval-mode batch-norm that directly follows a ``Conv2d`` into that conv, in place.
+    """Fold every eval-mode batch-norm that directly follows a ``Conv2d`` into that conv, in place; returns the
+    folded ``(conv name, batch-norm name, eps)``.
 
-    The pairs are found by running ``model`` once on a random ``1×3×H×W`` input and matching each
-    batch-norm's input tensor to the conv that produced it, so no architecture is hard-coded. A
-    batch-norm with a built-in activation (timm's ``BatchNormAct2d``) keeps its dropout/activation.
-    The folded model is checked against the original on that input; if any output differs by more than
-    ``tolerance`` (relative), everything is restored and nothing is folded.
-
-    Returns the folded ``(conv name, batch-norm name, eps)`` (module names within ``model``).
+    Pairs are found by running ``model`` on a random ``1×3×H×W`` input (no architecture hard-coded); timm's
+    ``BatchNormAct2d`` keeps its dropout/activation. If any output then differs by more than ``tolerance``
+    (relative), everything is restored and nothing is folded.
     """
     produced_by: dict[int, tuple[str, nn.Module]] = {}
     pairs: list[tuple[str, nn.Conv2d, str, nn.Module]] = []

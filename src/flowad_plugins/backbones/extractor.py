@@ -1,8 +1,8 @@
 """``FeatureExtractor``: a frozen timm backbone mapping images ``B×3×H×W`` to feature maps ``B×C_l×h_l×w_l``.
 
-Every extractor takes images normalised as anomalib's pre-processors do (ImageNet mean/std) and converts them to
-the normalisation its weights were trained with, when that differs: fed ImageNet-normalised images, the offline
-EfficientNet-Lite files' first batch-norm sees ~4.8× the variance it was trained for.
+It takes ImageNet-normalised images (as anomalib's pre-processors give) and converts them to its weights' own
+normalisation: fed ImageNet-normalised images, the offline EfficientNet-Lite files' first batch-norm sees ~4.8× the
+variance it was trained for.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 from timm.models._features import FeatureGetterNet
 from torch import nn
@@ -25,14 +24,12 @@ class FeatureExtractor(nn.Module):
 
     Args:
         backbone: timm model name (CNN or ViT).
-        layers: layer names from the model's ``feature_info`` (``"layer2"``, ``"blocks.4"``, …),
-            shallow to deep. ``FeatureExtractor.available_layers(backbone)`` lists them.
+        layers: layer names from the model's ``feature_info`` (``"layer2"``, ``"blocks.4"``, …), shallow to deep.
         pre_trained: load ImageNet weights (offline package or timm download).
         backbone_weights: local weights file; takes precedence over ``pre_trained``.
-        final_norm: transformers only: apply the model's own (pretrained, frozen) final norm to every
-            returned block output, as FastFlow does with ViT/CaiT features. Ignored for CNNs.
-        layers_parameter: the caller's parameter name for ``layers`` in error messages (CSFlow: ``"layer"``,
-            a single name).
+        final_norm: transformers only: apply the model's own (frozen) final norm to every returned block output,
+            as FastFlow does with ViT/CaiT features.
+        layers_parameter: the caller's name for ``layers`` in error messages (CSFlow: ``"layer"``, a single name).
 
     Shapes: ``forward(images: B×3×H×W) -> [B×C_l×h_l×w_l for each layer]``.
     """
@@ -114,12 +111,6 @@ class FeatureExtractor(nn.Module):
             return None
         size = getattr(patch_embed, "img_size", None)
         return tuple(size) if size is not None else None
-
-    @staticmethod
-    def available_layers(backbone: str) -> list[str]:
-        """Layer names ``FeatureExtractor`` accepts for ``backbone`` (no weights are loaded)."""
-        model = timm.create_model(backbone, pretrained=False)
-        return [info["module"] for info in model.feature_info]
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Keep the backbone in eval mode (frozen batch-norm statistics) whatever ``mode`` is."""

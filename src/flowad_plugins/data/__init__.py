@@ -5,7 +5,6 @@
 from .datamodule import SyntheticAD
 from .latest_split import LatestFolder, hold_out_latest
 from .predict_folder import PredictFolder
-from .synthetic import CATEGORIES, SyntheticSpec, generate_dataset
+from .synthetic import SyntheticSpec, generate_dataset
 
-__all__ = ["CATEGORIES", "LatestFolder", "PredictFolder", "SyntheticAD", "SyntheticSpec", "generate_dataset",
-           "hold_out_latest"]
+__all__ = ["LatestFolder", "PredictFolder", "SyntheticAD", "SyntheticSpec", "generate_dataset", "hold_out_latest"]

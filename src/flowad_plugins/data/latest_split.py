@@ -1,16 +1,10 @@
 """Validation on the *latest* normal images: ``hold_out_latest`` and ``LatestFolder``.
 
-anomalib's validation splits take a random share of the normal training images. Those come from the same capture
-sessions as the images the model trains on, so they cannot show what happens on another day: a darker background,
-the part placed a little differently, another lamp. A model can separate defects from those held-out images almost
-perfectly and still flag the normal images of a new session (measured on MVTec 3D-AD tire, whose test images come
-from another session: ``docs/results.md``). Image files are usually numbered in capture order; holding out the *last*
-ones puts the latest session into validation, so thresholds and model choices see a session the model did not
-train on.
-
-``hold_out_latest(cls)`` returns a subclass of any anomalib image datamodule whose ``val_split_mode`` ``from_train``
-and ``synthetic`` hold out the last ``val_split_ratio`` of the normal training images in file-name order (plus, for
-``synthetic``, anomalib's synthetic anomalies made from them) instead of a random share; other modes are unchanged.
+anomalib's validation splits take a random share of the normal training images, from the same capture sessions as
+the training images, so they cannot show what another day brings (a darker background, another lamp): measured on
+MVTec 3D-AD tire (``docs/results.md``). Image files are usually numbered in capture order; ``hold_out_latest(cls)``
+subclasses an anomalib image datamodule so that ``val_split_mode`` ``from_train`` and ``synthetic`` hold out the
+*last* ``val_split_ratio`` of the normal training images in file-name order (other modes are unchanged).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """``PredictFolder``: images of a folder for ``anomalib predict``, skipping unreadable files instead of aborting.
 
-anomalib's ``PredictDataset`` raises on the first truncated or empty image (``OSError: image file is truncated``,
-without the file name), losing the run. ``PredictFolder`` logs a warning naming each unreadable file, goes on with
-the rest and reports the skipped files at the end of the pass (log, and ``PredictFolder.skipped``)::
+anomalib's ``PredictDataset`` raises on the first truncated or empty image, without the file name. ``PredictFolder``
+warns naming each unreadable file, goes on, and reports the skipped files at the end of the pass::
 
     anomalib predict --model flowad_plugins.CflowAD --ckpt_path model.ckpt \\
         --data flowad_plugins.data.PredictFolder --data.path images/
@@ -48,8 +47,7 @@ class PredictFolder(IterableDataset):
         path: folder of images (the suffixes anomalib reads) or a single image file.
         transform: optional transform of each image ``3×H×W`` (the model's pre-processor resizes anyway).
 
-    After a pass, ``skipped`` lists ``{"path", "reason"}`` of the files left out (in the process that read them:
-    with ``num_workers > 0`` each worker logs its own).
+    After a pass, ``skipped`` lists ``{"path", "reason"}`` of the files this process left out.
     """
 
     def __init__(self, path: str | Path, transform: Transform | None = None) -> None:

@@ -1,8 +1,7 @@
-"""Torch-free runtime for exported flow models: openvino, numpy and Pillow only.
+"""Torch-free runtime for exported flow models: openvino, numpy and Pillow only (no torch, lightning or anomalib).
 
 ``EdgeModel("model.xml").predict(read_image(path))`` in Python, or ``flowad-predict model.xml images/ --out
-results/`` on the command line. Nothing here imports torch, lightning or anomalib. ``edge.settings`` holds the
-OpenVINO settings (precisions, threads, static input size, metadata key, image suffixes) that export uses too.
+results/`` on the command line.
 """
 
 from flowad_plugins.edge.images import IMAGE_SUFFIXES, ImageReadError, find_images, read_image, resize_image

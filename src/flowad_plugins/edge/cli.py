@@ -1,10 +1,9 @@
 """``flowad-predict``: score images with an exported model using only openvino, numpy and Pillow.
 
-``flowad-predict model.xml images/ --out results/`` writes ``results.csv`` (one row per image, appended as it
-goes), ``results.json`` (the model, the threshold and its source, every result, the skipped files) and
-``overlays/<name>_overlay.png``. An image that cannot be read is skipped with a warning naming it; the rest are
-scored, and the skipped files are listed at the end. Exit status: 0 when at least one image was scored, 1 when
-none could be read, 2 for bad arguments.
+``flowad-predict model.xml images/ --out results/`` writes ``results.csv`` (a row per image, as it goes),
+``results.json`` (model, threshold, results, skipped files) and ``overlays/<name>_overlay.png``. Unreadable images
+are skipped with a warning naming them. Exit status: 0 when an image was scored, 1 when none could be read, 2 for
+bad arguments.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Reading images for the edge runtime with Pillow and numpy only (no torch).
 
-``read_image`` returns what anomalib's training pipeline feeds the model: RGB ``H×W×3`` float32 in [0, 1].
-On top of anomalib's ``Image.open(...).convert("RGB")`` it applies the EXIF orientation and keeps the full
-range of 16-bit images (Pillow's ``convert("RGB")`` clips 16-bit values at 255, which turns them white).
-Alpha is dropped like ``convert("RGB")`` does, so transparent pixels keep their stored colour.
+``read_image`` returns what anomalib's training pipeline feeds the model, RGB ``H×W×3`` float32 in [0, 1], with the
+EXIF orientation applied and the full range of 16-bit images kept (Pillow's ``convert("RGB")`` clips them at 255).
 """
 
 from __future__ import annotations
@@ -27,11 +25,9 @@ class ImageReadError(ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB image ``H×W×3`` float32 in [0, 1] from ``path``, EXIF orientation applied (height/width as displayed).
-
-    Modes: RGB/RGBA/LA/P/PA/L/1/CMYK/YCbCr via Pillow's conversion; 16-bit grayscale (``I;16*``, ``I``) scaled by
-    1/65535; float (``F``) clipped to [0, 1]. Pillow decodes 16-bit RGB PNGs to 8-bit RGB (the high byte), so their
-    range is kept too. Raises ``ImageReadError`` naming the file when it cannot be decoded.
+    """RGB image ``H×W×3`` float32 in [0, 1] from ``path``, EXIF orientation applied; ``ImageReadError`` naming the
+    file when it cannot be decoded. 16-bit grayscale is scaled by 1/65535, float (``F``) clipped to [0, 1], any
+    other mode converted by Pillow (which decodes 16-bit RGB PNGs to their high byte, so their range is kept too).
     """
     path = Path(path)
     try:

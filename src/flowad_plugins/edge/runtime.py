@@ -1,11 +1,8 @@
-"""Run an exported flow model (OpenVINO IR) with openvino and numpy only: no torch, no anomalib.
+"""Run an exported flow model (OpenVINO IR or ONNX) with openvino and numpy only: no torch, no anomalib.
 
-The IR (``Engine.export(model, ExportType.OPENVINO, ...)``) holds anomalib's whole inference pipeline: one input
-``input B×3×H×W`` (RGB in [0, 1]; H×W static when exported with ``input_size``), the pre-processor's resize and
-ImageNet normalisation, the model, and the post-processor's normalisation and thresholds. Its outputs are
-``pred_score`` (B, 0.5 = the image threshold), ``pred_label`` (B), ``anomaly_map`` (B×1×h×w, normalised) and
-``pred_mask`` (B×1×h×w). ``EdgeModel`` feeds it and reads these back; a frame whose score or map is not finite
-is reported anomalous, with a reason, whatever the threshold says.
+The IR holds anomalib's whole inference pipeline (see ``flowad_plugins.export``): one input ``B×3×H×W`` (RGB in
+[0, 1]), outputs ``pred_score``, ``pred_label``, ``anomaly_map`` and ``pred_mask``. ``EdgeModel`` feeds it and reads
+these back; a frame whose score or map is not finite is reported anomalous, with a reason, whatever the threshold.
 """
 
 from __future__ import annotations
@@ -72,10 +69,8 @@ class EdgeModel:
     Args:
         path: the IR's ``model.xml`` (``model.bin`` next to it) or an ``.onnx`` file.
         device: OpenVINO device, e.g. ``"CPU"``.
-        precision: ``"auto"`` (``resolve_precision``: the CPU's default for IRs marked as our exports are, else
-            float32), ``"f32"`` (float32 on CPU, as the torch model computes), ``"default"`` (the plugin's
-            choice, bf16 on CPUs with AMX/AVX512-BF16), or a forced ``"bf16"`` / ``"f16"``
-            (``flowad_plugins.edge.settings.PRECISIONS``).
+        precision: ``"auto"`` (``resolve_precision``), ``"f32"`` (as the torch model computes), ``"default"`` (the
+            plugin's choice: bf16 on CPUs with AMX/AVX512-BF16), or a forced ``"bf16"`` / ``"f16"``.
         threshold: image threshold on the normalised score; default: the model's (``choose_threshold``).
         num_threads: CPU inference threads (``None``: OpenVINO's default).
     """

@@ -1,8 +1,5 @@
 """OpenVINO settings shared by export and the edge runtime: precision hints, thread count, static input size, the
-IR attributes and metadata key our exports write, and the image suffixes read. Imports only openvino (lazily).
-
-OpenVINO's CPU plugin computes in bf16 by default where the CPU supports it (AVX512-BF16/AMX); ``precision="f32"``
-asks for float32 (``INFERENCE_PRECISION_HINT``), which FP32 parity needs.
+IR attribute and metadata key our exports write, and the image suffixes read. Imports only openvino (lazily).
 """
 
 from __future__ import annotations
@@ -20,29 +17,17 @@ PRECISIONS: dict[str, dict[str, str]] = {
     "f16": {"INFERENCE_PRECISION_HINT": "f16"},
     "default": {},
 }
+# edge runtime only: "default" for an IR carrying PRECISE_ATTRIBUTE marks (our exports), else "f32"
 AUTO_PRECISION = "auto"
-"""Edge runtime only: ``"default"`` for an IR carrying ``PRECISE_ATTRIBUTE`` marks (our exports), else ``"f32"``."""
-
+# ov::DisableFP16Compression as an IR file writes it: our exports give it to layers that must stay float32
 PRECISE_ATTRIBUTE = {"name": "precise", "version": "0"}
-"""``ov::DisableFP16Compression`` as an IR file writes it: our exports give it to layers that must stay float32."""
-
+# rt_info key (OpenVINO) / metadata_props key (ONNX) of the threshold report stamped into an export
 METADATA_KEY = "flowad_thresholds"
-"""``rt_info`` key (OpenVINO) / ``metadata_props`` key (ONNX) of the threshold report stamped into an export."""
-
+# file suffixes (lower case) that the edge runtime reads as images
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-"""File suffixes (lower case) that the edge runtime reads as images."""
 
-__all__ = [
-    "AUTO_PRECISION",
-    "IMAGE_SUFFIXES",
-    "METADATA_KEY",
-    "PRECISE_ATTRIBUTE",
-    "PRECISIONS",
-    "check_num_threads",
-    "openvino_config",
-    "static_batch_size",
-    "static_input_size",
-]
+__all__ = ["AUTO_PRECISION", "IMAGE_SUFFIXES", "METADATA_KEY", "PRECISE_ATTRIBUTE", "PRECISIONS", "check_num_threads",
+           "openvino_config", "static_batch_size", "static_input_size"]
 
 
 def check_num_threads(num_threads: Any) -> int | None:

@@ -1,9 +1,6 @@
-"""Image thresholds of an exported model: the one in its graph, or an explicit one on the normalised score.
-
-The exported graph ends in anomalib's post-processor: ``pred_score`` is normalised so that the training
-threshold sits at 0.5 (and one normal-score standard deviation at 0.25 / 0.75), ``pred_label = pred_score > 0.5``.
-``write_threshold_metadata`` (flowad_plugins post-processing) may stamp a JSON report into the IR's ``rt_info`` under
-``flowad_thresholds`` (how the threshold was set, counts); it is read here to describe the threshold.
+"""Image thresholds of an exported model: the one in its graph (``pred_score > 0.5``: the post-processor normalises
+the training threshold to 0.5), or an explicit one on the normalised score. The ``flowad_thresholds`` report that
+``write_threshold_metadata`` may stamp into the IR describes how the in-graph one was set.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Where the backbone ends in an exported graph, and the nncf scope that keeps its weights in float.
 
-The exported graph runs the whole backbone before the flow head (all three models): the head, scorer and
-post-processor are every image-dependent ONNX node after the backbone's last ``Conv``. OpenVINO keeps the ONNX node
-names as its ops' friendly names, so an nncf ``IgnoredScope`` can name them.
+The exported graph runs the whole backbone before the flow head (all three models, and the dynamo exporter keeps
+that order): the head, scorer and post-processor are every image-dependent ONNX node after the backbone's last
+``Conv``. OpenVINO keeps the ONNX node names as its ops' friendly names, so an nncf ``IgnoredScope`` can name them.
 """
 
 from __future__ import annotations
@@ -36,13 +36,9 @@ def backbone_conv_count(module: AnomalibModule, input_size: Sequence[int] | None
 
 
 def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, str]:
-    """``{node name: op type}`` of the image-dependent ONNX nodes after the backbone (flow head, scorer, …).
-
-    The exported graph runs the whole backbone before the flow head (all three models), and the dynamo
-    exporter keeps that order: the tail is every node after the ``backbone_convs``-th ``Conv``. (The exporter's
-    per-node module paths are not reliable enough: FastFlow's head is attributed to the encoder.) OpenVINO keeps
-    these names as its ops' friendly names (sometimes with a ``/…`` suffix).
-    """
+    """``{node name: op type}`` of the image-dependent ONNX nodes after the ``backbone_convs``-th ``Conv`` (flow
+    head, scorer, …). The exporter's per-node module paths are not reliable enough: FastFlow's head is attributed
+    to the encoder."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph

@@ -1,8 +1,7 @@
 """``export_model``: ``Engine.export``'s options checked up front, with errors naming the parameter and allowed values.
 
-Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8`` without nncf installed,
-compression types the flow models do not offer (anomalib's ``INT8_PTQ`` / ``INT8_ACQ`` quantize the backbone and lose
-accuracy on these models), unknown types and sizes.
+Refused before any export work: compression with ONNX (anomalib ignores it), ``INT8`` without nncf, compression
+types the flow models do not offer (``INT8_PTQ`` / ``INT8_ACQ`` lose accuracy on them), unknown types and sizes.
 """
 
 from __future__ import annotations
@@ -71,12 +70,8 @@ def export_model(
     model_file_name: str = "model",
     onnx_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Export a trained flow model to ONNX or OpenVINO IR after checking the options; returns the file path.
-
-    Same result as ``Engine().export(model, export_type, export_root, input_size=..., compression_type=...)``, with
-    clear errors for combinations anomalib would ignore or the flow models do not offer. Files:
-    ``export_root/weights/{onnx,openvino}/``.
-    """
+    """Export a trained flow model to ONNX or OpenVINO IR (``export_root/weights/{onnx,openvino}/``) after checking
+    the options, as ``Engine().export(model, export_type, export_root, ...)`` would; returns the file path."""
     allowed_types = [ExportType.ONNX.value, ExportType.OPENVINO.value]
     try:
         export_type = ExportType(export_type)

@@ -1,29 +1,16 @@
 """Exported OpenVINO graphs that are accurate at the CPU's default precision, with no configuration.
 
-OpenVINO's CPU plugin runs a float32 IR in bfloat16 wherever the CPU has native bf16 (AVX512-BF16, AMX). Two parts
-of our graphs do not tolerate that:
-
-- the **backbone**: a flow scores how far a feature lies from the normal features, and bf16 rounding inside the
-  backbone moves the features by a good fraction of their normal spread, which no float32 head can undo;
-- the **score tail**: the per-position log-determinant (a sum of many log-scales), ``‖z‖²``, the log-likelihood (a
-  difference of large terms), the exp/log aggregation over scales and the score normalisation.
-
-The flow head's convolutions and GEMMs between them tolerate bf16 (measured on MVTec AD bottle:
-``benchmarks/results/default_precision.md``). ``keep_precision_critical_in_float32`` therefore gives the backbone
-and the score tail OpenVINO's ``precise`` runtime attribute (``ov::DisableFP16Compression``), which the CPU plugin
-honours under bf16, and leaves the head to the CPU's fast precision. The attribute is written into the IR file as
-the typed ``<attribute name="precise" version="0"/>`` that the IR reader restores (a string entry set through the
-Python API is saved as another attribute and does nothing). Which nodes are the head comes from the ONNX file the
-IR was converted from (``onnx_graph.float_tail_names``); the head's first non-convolution nodes are marked too, so
-that the float32 region ends on nodes the plugin converts cleanly. The tail is found structurally: every node
-downstream of a reduction over the channel axis (``ReduceSum``/``ReduceMean`` over axis 1: the log-det and ``‖z‖²``
-sums of each flow), plus the elementwise node feeding each such reduction.
-
-Whatever is selected, ``mark_precise`` also marks the element-wise layers the CPU plugin fuses into a marked
-convolution (its residual ``Add`` and activation): a float32 mark that ends inside a fused Convolution + Add + ReLU
-leaves that node without a kernel on bf16 CPUs (``[CPU] Convolution node ... object is not initialized``, an
-OpenVINO CPU plugin defect reproduced by ``benchmarks/fused_precision_boundary.py``), which is what broke the
-ResNet backbones, whose last block ends so right before the head.
+OpenVINO's CPU plugin runs a float32 IR in bf16 wherever the CPU has native bf16 (AVX512-BF16, AMX). Two parts of
+our graphs do not tolerate that: the **backbone** (bf16 rounding moves the features by a good fraction of their
+normal spread) and the **score tail** (log-det sums, ``‖z‖²``, the log-likelihood, the exp/log aggregation and the
+normalisation). The flow head tolerates bf16 (``benchmarks/results/default_precision.md``).
+``keep_precision_critical_in_float32`` gives the backbone and the tail OpenVINO's ``precise`` attribute
+(``ov::DisableFP16Compression``, honoured under bf16), written into the IR as the typed ``<attribute
+name="precise" version="0"/>`` (a string entry set through the Python API does nothing). The head is known from
+the ONNX file the IR came from (``onnx_graph.float_tail_names``); the tail is everything downstream of a reduction
+over the channel axis. ``mark_precise`` also marks the element-wise layers the CPU plugin fuses into a marked
+convolution: a mark ending inside a fused Convolution + Add + ReLU fails on bf16 CPUs (``[CPU] Convolution node ...
+object is not initialized``, an OpenVINO defect: ``benchmarks/fused_precision_boundary.py``).
 """
 
 from __future__ import annotations
@@ -79,10 +66,8 @@ def fused_chain_ids(root, selected: set[str]) -> set[str]:
     """Ids of the layers the CPU plugin fuses into a selected weighted layer, so that they take its precision.
 
     ``root``: the IR's parsed XML root; ``selected``: layer ids to be kept float32. From every selected
-    ``FUSING_PARENTS`` layer the chain of element-wise layers that each have the previous one as their only consumer
-    (a convolution's bias, residual ``Add`` and activation, which the plugin merges into one node) is returned.
-    A float32 mark that stops inside such a chain leaves the merged node without an executor on bf16 CPUs
-    (``[CPU] Convolution node ... object is not initialized``; ``benchmarks/fused_precision_boundary.py``).
+    ``FUSING_PARENTS`` layer: the chain of element-wise layers each consuming only the previous one (bias,
+    residual ``Add``, activation); a mark stopping inside it fails on bf16 CPUs (see the module).
     """
     layers = {layer.get("id"): layer for layer in root.iter("layer")}
     consumers: dict[str, list[str]] = {}

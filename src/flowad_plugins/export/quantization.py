@@ -37,11 +37,9 @@ def compress_flow_weights(module: AnomalibModule, ov_model: ov.Model, onnx_path:
                           ) -> ov.Model:
     """INT8 weight compression (nncf, per channel) of the flow head; the backbone's (and tiny) weights stay float.
 
-    The flows read low-level backbone features whose small weight errors the exact likelihood amplifies: for
-    FastFlow (lite0, bottle) compressing every weight lowered the mean image/pixel AUROC on synthetic anomalies made
-    from normal training images from 0.968 to 0.947, compressing only the flow head kept 0.968
-    (``benchmarks/results/int8_weights_selection.md``). The flow head holds most weights of CS-Flow and FastFlow.
-    ``onnx_path``: the ONNX file ``ov_model`` was converted from, if still at hand (see ``onnx_export_of``).
+    The exact likelihood amplifies small weight errors of the backbone: for FastFlow (lite0, bottle) compressing
+    every weight lowered the mean validation AUROC from 0.968 to 0.947, the flow head only kept 0.968
+    (``benchmarks/results/int8_weights_selection.md``). ``onnx_path``: the ONNX file ``ov_model`` came from, if at hand.
     """
     nncf = require("nncf", "compression_type=INT8 (weight compression)")
     size = static_input_size(ov_model)

@@ -1,13 +1,9 @@
 """The affine coupling maths every flow here shares: the clamped log-scale and the affine map with its inverse.
 
-A coupling step transforms one part ``x`` of the channels with coefficients computed from the other part. The
-coefficients have ``2·D`` channels on axis 1 (``N×2D`` fibers or ``B×2D×h×w`` maps): the first ``D`` are the raw
-log-scale ``a``, the last ``D`` the shift ``t``. A clamp ``σ`` bounds the log-scale (``|σ(a)| < α``) and
-
-    y = x · exp(σ(a)) + t,        x = (y − t) · exp(−σ(a)),        log|det J| = Σ_c σ(a)_c  (per position).
-
-Clamps: ``tanh_clamp`` / ``tanh_clamp_via_sigmoid`` ``α·tanh(a)`` (FrEIA's ``AllInOneBlock``: CFLOW-AD, FastFlow; two
-evaluations of the same function, see ``docs/selection.md``) and ``soft_clamp`` ``(2α/π)·atan(a/α)`` (CS-Flow).
+The coefficients have ``2·D`` channels on axis 1 (``N×2D`` or ``B×2D×h×w``): the raw log-scale ``a``, then the shift
+``t``. With a clamp ``σ`` (``|σ(a)| < α``): ``y = x·exp(σ(a)) + t``, ``x = (y − t)·exp(−σ(a))``, ``log|det J| =
+Σ_c σ(a)_c`` per position. Clamps: ``α·tanh(a)`` (FrEIA's, CFLOW-AD and FastFlow: ``tanh_clamp`` and
+``tanh_clamp_via_sigmoid``, two evaluations of one function) and ``soft_clamp`` ``(2α/π)·atan(a/α)`` (CS-Flow).
 """
 
 from __future__ import annotations

@@ -1,21 +1,18 @@
 """The affine coupling block of CFLOW-AD and FastFlow, and the stack of them: forward, inverse, log-det per position.
 
-One block (the "all-in-one" form of Glow-style flows, parameterised as FrEIA 0.2's ``AllInOneBlock`` with a
-softplus global affine, so checkpoints written with FrEIA load unchanged) maps ``x`` (``N×C`` fibers or
-``B×C×h×w`` maps; the channel axis is 1) to ``y``:
+One block (FrEIA 0.2's ``AllInOneBlock`` with a softplus global affine, so FrEIA checkpoints load unchanged) maps
+``x`` (``N×C`` fibers or ``B×C×h×w`` maps; channel axis 1) to ``y``:
 
     x₁, x₂ = split(x)                         (⌈C/2⌉, ⌊C/2⌋ channels)
     (a, t) = COEFFICIENT_SCALE · subnet([x₁; condition])
-    x₂ ← x₂ · exp(α·tanh(a)) + t              (``flows.affine``: clamped log-scale, |α·tanh(a)| < α)
-    y = P · (g ⊙ [x₁; x₂] + o)                (global affine g = GLOBAL_SCALE_FACTOR·softplus_{β=½}(γ) > 0,
-                                               offset o, fixed channel mixing P: a permutation or a rotation)
+    x₂ ← x₂ · exp(α·tanh(a)) + t              (``flows.affine``)
+    y = P · (g ⊙ [x₁; x₂] + o)                (g = GLOBAL_SCALE_FACTOR·softplus_{β=½}(γ) > 0, offset o,
+                                               fixed channel mixing P: a permutation or a rotation)
 
-Each position's channels are scaled by their own factors, so ``log|det J|`` is a sum of per-position terms
-``Σ_c α·tanh(a_c) + Σ_c log g_c`` (P is orthogonal): ``forward`` returns it per position (``N`` or ``B×h×w``); its
-sum over positions is the whole Jacobian's. ``inverse`` undoes ``forward`` exactly. The mixing is always one
-product with the global affine folded in, ``(P·diag g)·x + P·o`` (a 1×1 convolution on maps): a permutation as a
-channel gather was not measurably faster in eager mode (``benchmarks/results/flow_forms.md``) and forces layout
-reorders in OpenVINO. Nothing holds a lambda, so a whole model pickles (``torch.save(model)``).
+``log|det J|`` per position is ``Σ_c α·tanh(a_c) + Σ_c log g_c`` (P is orthogonal). The mixing is one product with
+the global affine folded in, ``(P·diag g)·x + P·o``: a permutation as a gather was not faster in eager mode
+(``benchmarks/results/flow_forms.md``) and forces layout reorders in OpenVINO. Nothing holds a lambda, so a whole
+model pickles.
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ class AffineCouplingBlock(nn.Module):
 
     Args:
         channels: ``C`` (≥ 2).
-        subnet_constructor: ``(c_in, c_out) -> nn.Module`` mapping ``⌈C/2⌉ + condition_channels`` channels to
-            ``2·⌊C/2⌋`` (axis 1).
+        subnet_constructor: ``(c_in, c_out) -> nn.Module``, ``⌈C/2⌉ + condition_channels`` → ``2·⌊C/2⌋`` channels.
         clamp: ``α``, bound of the log-scale.
         spatial_dims: 0 for fibers ``N×C``, 2 for maps ``B×C×h×w``.
         condition_channels: channels of the condition concatenated to ``x₁`` (0 = unconditional).
@@ -125,10 +121,8 @@ class AffineCouplingBlock(nn.Module):
         return self.subnet(subnet_input) * COEFFICIENT_SCALE
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (``N×C`` or ``B×C×h×w``), condition (``N×P`` / ``B×P×h×w``, or ``None``) → ``(y, log|det J|)``.
-
-        ``y`` has the shape of ``x``; the log-det is per position (``N`` or ``B×h×w``).
-        """
+        """``x`` (``N×C`` or ``B×C×h×w``), condition (``N×P`` / ``B×P×h×w``, or ``None``) → ``(y`` shaped as ``x``,
+        ``log|det J|`` per position ``N`` or ``B×h×w)``."""
         x1, x2 = torch.split(x, self.splits, dim=1)
         x2, log_scale = affine_forward(x2, self.coupling_coefficients(x1, condition), self.clamp,
                                        tanh_clamp_via_sigmoid)

@@ -1,23 +1,14 @@
 """Cross-scale coupling flow of CS-Flow (Rudolph et al., WACV 2022), in plain torch with an explicit inverse.
 
-The flow acts jointly on ``S`` feature maps of one image at ``S`` scales, ``x_l: B×C×h_l×w_l`` with
-``h_{l+1} = ⌈h_l/2⌉`` (scale 0 = full resolution). Each coupling block splits the channels into two halves
-``(a, b)`` at every scale and transforms them in turn::
+The flow acts jointly on ``S`` feature maps of one image, ``x_l: B×C×h_l×w_l`` with ``h_{l+1} = ⌈h_l/2⌉``. Each
+coupling block splits the channels into halves ``(a, b)`` at every scale and transforms them in turn::
 
     a_l ← a_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_1(b_0 … b_{S-1})
     b_l ← b_l · exp(σ(s_l)) + t_l,   (s, t) = subnet_2(a_0 … a_{S-1})   (the updated a)
 
-with the soft clamp ``σ(s) = (2α/π)·atan(s/α)`` (|σ| < α; the coupling maths is ``flows.affine``'s). A subnet
-(``CrossScaleSubnet``) sees all scales at once: a per-scale conv to the hidden width, then per output scale the sum
-of a same-scale conv, a strided conv from the next finer scale and an (upsampled) conv from the next coarser scale.
-A learnable per-scale gain, initialised to 0, makes every block the identity at initialisation. A fixed random
-channel permutation (the same for all scales, seeded) precedes every block. The log-determinant is exact: the sum
-of ``σ(s)`` over every transformed element.
-
-Optionally (default) a data-initialised per-channel affine (``MultiScaleActNorm``) standardises the features
-before the first block, so short CPU schedules start from ``N(0, 1)``-scaled inputs.
-
-``flow(xs) -> (zs, log|det J| B)``; ``flow.inverse(zs) -> xs`` (``xs``: one ``B×C×h_l×w_l`` map per scale).
+with the soft clamp ``σ(s) = (2α/π)·atan(s/α)``. A subnet (``CrossScaleSubnet``) sees all scales at once; its gain
+starts at 0, so every block starts as the identity. A fixed seeded channel permutation precedes every block, and
+optionally a data-initialised ``MultiScaleActNorm`` the first one. The log-determinant (per image ``B``) is exact.
 """
 
 from __future__ import annotations
@@ -36,10 +27,9 @@ __all__ = ["CrossScaleCoupling", "CrossScaleFlow", "CrossScaleSubnet", "MultiSca
 class CrossScaleSubnet(nn.Module):
     """Subnet mixing ``num_scales`` maps: ``[B×c_in×h_l×w_l] -> [B×c_out×h_l×w_l]``.
 
-    Per scale ``l``: ``u_l = LeakyReLU(conv_in_l(x_l))`` (width ``hidden``), then
-    ``out_l = γ_l·(conv_same_l(u_l) + conv_down(u_{l-1}, stride 2) + up(conv_up(u_{l+1})))``. The coarser
-    scale is convolved at its own resolution, then upsampled bilinearly to ``h_l×w_l`` (cheaper than
-    convolving after upsampling). ``γ`` starts at 0.
+    Per scale ``l``: ``u_l = LeakyReLU(conv_in_l(x_l))`` (width ``hidden``), then ``out_l = γ_l·(conv_same_l(u_l) +
+    conv_down(u_{l-1}, stride 2) + up(conv_up(u_{l+1})))``, the coarser scale convolved at its own resolution
+    (cheaper), then upsampled bilinearly. ``γ`` starts at 0.
     """
 
     def __init__(
@@ -81,15 +71,8 @@ class CrossScaleSubnet(nn.Module):
 
 
 class CrossScaleCoupling(nn.Module):
-    """One affine coupling block over all scales (two half-steps, see module docstring).
-
-    Args:
-        channels: feature channels ``C`` (≥ 2), the same at every scale.
-        hidden_channels: subnet width.
-        kernel_size: subnet convolution kernel (odd).
-        clamp_alpha: soft clamp ``α`` of the log-scale.
-        num_scales: number of scales ``S``.
-    """
+    """One affine coupling block over all scales (two half-steps, see the module docstring) on ``channels`` ``C`` at
+    every scale, with subnets of ``hidden_channels`` and odd ``kernel_size`` and soft clamp ``clamp_alpha``."""
 
     def __init__(
         self, channels: int, hidden_channels: int, kernel_size: int, clamp_alpha: float, num_scales: int = 3
@@ -134,9 +117,8 @@ class CrossScaleCoupling(nn.Module):
 class MultiScaleActNorm(nn.Module):
     """Per-scale, per-channel affine ``y = (x + b)·exp(s)`` (Glow's ActNorm), initialised from the first batch.
 
-    The first training batch sets ``b = −mean`` and ``s = −log std`` per scale and channel, so the coupling
-    blocks start on standardised features (backbone features have scales of ~10, far from ``N(0, 1)``; a few
-    CPU epochs are not enough to learn that). Exact log-det ``Σ_l h_l·w_l·Σ_c s_{l,c}``.
+    ``b = −mean``, ``s = −log std`` per scale and channel of the first training batch: backbone features have scales
+    of ~10, too far from ``N(0, 1)`` for a few CPU epochs to learn. Exact log-det ``Σ_l h_l·w_l·Σ_c s_{l,c}``.
     """
 
     def __init__(self, channels: int, num_scales: int) -> None:
@@ -185,16 +167,9 @@ class MultiScaleActNorm(nn.Module):
 class CrossScaleFlow(nn.Module):
     """CS-Flow: ``coupling_blocks`` × (fixed channel permutation → ``CrossScaleCoupling``).
 
-    Args:
-        channels: feature channels ``C`` at every scale (≥ 2).
-        num_scales: number of scales ``S`` (≥ 2).
-        coupling_blocks: number of blocks.
-        kernel_sizes: subnet kernel of each block (odd; length ``coupling_blocks``). ``None``: 3 for all but
-            the last block, 5 for the last (the paper's ``[3, 3, 3, 5]``).
-        hidden_channels: subnet width; ``None`` ties it to ``channels`` (compact). The paper uses 1024.
-        clamp_alpha: soft clamp ``α`` (paper: 3).
-        seed: seed of the fixed channel permutations.
-        input_norm: start with a ``MultiScaleActNorm`` (data-initialised per-channel affine; not in the paper).
+    ``channels`` ``C`` (≥ 2) at each of ``num_scales`` scales ``S`` (≥ 2); ``kernel_sizes``: one odd subnet kernel
+    per block (``None``: the paper's ``[3, …, 3, 5]``); ``hidden_channels``: subnet width (``None``: ``C``); ``seed``:
+    of the fixed permutations; ``input_norm``: start with a ``MultiScaleActNorm`` (not in the paper).
 
     Shapes: ``forward([B×C×h_l×w_l] * S) -> ([B×C×h_l×w_l] * S, log|det J| B)``.
     """

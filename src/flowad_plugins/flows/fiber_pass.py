@@ -1,15 +1,11 @@
 """CFLOW-AD's fast path through a conditional ``fiber_flow``: the positional condition projected once per position.
 
-The condition of a fiber is the positional encoding of its position, so a subnet's first layer
-``W·[x₁; c] + b = W_x·x₁ + (W_c·c + b)`` repeats the same ``W_c·c + b`` for every image at a position.
-``fold_conditional_flow`` prepares each ``AffineCouplingBlock`` of the flow for a ``T×P`` condition table:
-``W_c·c + b`` once per table row (``T×hidden``), the block's ``COEFFICIENT_SCALE`` folded into the last subnet layer,
-and the global affine folded into the mixing matrix (``AffineCouplingBlock.mixing_affine``), so a step is the
-coupling (``flows.affine``) and one mixing product. ``fiber_flow_forward`` runs fibers ``N×C`` (gathering the
-condition term per fiber, or broadcasting it over whole maps); ``map_flow_forward`` runs whole maps ``B×C×h×w`` as
-1×1 convolutions with the condition term as a per-position bias. Both equal ``flow(fibers, condition)``; the
-inverse stays ``flow.inverse``. The log-scale clamp is evaluated as ``Tanh`` here (OpenVINO runs it faster on
-CFLOW's steps: ``benchmarks/results/openvino_profile.md``; eager time equal within the noise: ``flow_forms.md``).
+A subnet's first layer ``W·[x₁; c] + b = W_x·x₁ + (W_c·c + b)`` repeats ``W_c·c + b`` for every image at a position.
+``fold_conditional_flow`` prepares each block for a ``T×P`` condition table: ``W_c·c + b`` once per row, the
+``COEFFICIENT_SCALE`` folded into the last subnet layer and the global affine into the mixing matrix.
+``fiber_flow_forward`` runs fibers ``N×C``; ``map_flow_forward`` runs maps ``B×C×h×w`` as 1×1 convolutions with the
+condition term as a per-position bias. Both equal ``flow(fibers, condition)``. The clamp is evaluated as ``Tanh``
+here (faster in OpenVINO on CFLOW's steps: ``benchmarks/results/openvino_profile.md``; equal in eager mode).
 """
 
 from __future__ import annotations
@@ -84,16 +80,10 @@ def fold_conditional_flow(flow: CouplingFlow, condition_table: torch.Tensor) -> 
         bias = last.bias if last.bias is not None else last.weight.new_zeros(last.weight.shape[0])
         mixing_weight, mixing_bias = block.mixing_affine()
         steps.append(FiberStep(
-            splits=block.splits,
-            clamp=block.clamp,
-            input_weight=first.weight[:, :split].contiguous(),
-            condition_term=F.linear(condition_table, first.weight[:, split:], first.bias),
-            middle=list(middle),
-            output_weight=COEFFICIENT_SCALE * last.weight,
-            output_bias=COEFFICIENT_SCALE * bias,
-            mixing_weight=mixing_weight,
-            mixing_bias=mixing_bias,
-            log_det_constant=block.log_det_constant(),
+            splits=block.splits, clamp=block.clamp, input_weight=first.weight[:, :split].contiguous(),
+            condition_term=F.linear(condition_table, first.weight[:, split:], first.bias), middle=list(middle),
+            output_weight=COEFFICIENT_SCALE * last.weight, output_bias=COEFFICIENT_SCALE * bias,
+            mixing_weight=mixing_weight, mixing_bias=mixing_bias, log_det_constant=block.log_det_constant(),
         ))
     return steps
 

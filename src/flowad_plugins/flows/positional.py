@@ -9,11 +9,8 @@ from torch import nn
 
 
 def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
-    """Return a ``dim×height×width`` encoding: the first half codes x, the second half codes y.
-
-    Each half interleaves ``sin``/``cos`` of the coordinate at geometrically spaced frequencies
-    ``10000^(-2i/(dim/2))``, as in the Transformer encoding extended to two axes (CFLOW-AD, §3.3).
-    """
+    """``dim×height×width`` encoding: the first half codes x, the second y, each interleaving ``sin``/``cos`` of the
+    coordinate at frequencies ``10000^(-2i/(dim/2))`` (the Transformer's, on two axes: CFLOW-AD, §3.3)."""
     if dim <= 0 or dim % 4 != 0:
         msg = f"condition_dim must be a positive multiple of 4, got {dim}."
         raise ValueError(msg)
@@ -30,11 +27,8 @@ def positional_encoding_2d(dim: int, height: int, width: int) -> torch.Tensor:
 
 
 class PositionalEncoding2D(nn.Module):
-    """Positional condition for every fiber of a feature map, built once per map size.
-
-    ``forward(height, width) -> (height·width)×dim`` in row-major (y, x) order, the order of
-    ``features.flatten(2)``. Cached per size so training steps never rebuild it.
-    """
+    """Positional condition for every fiber of a feature map, cached per map size: ``forward(height, width) ->
+    (height·width)×dim`` in row-major (y, x) order, the order of ``features.flatten(2)``."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

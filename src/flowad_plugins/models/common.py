@@ -1,20 +1,11 @@
-"""What the three flow models share on the Lightning side, and the contract a flow model fulfils.
+"""``FlowAnomalibModule``: what the three flow models share on the Lightning side.
 
-A subclass of ``FlowAnomalibModule``
-
-- sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and calls ``adopt_input_size`` after it;
-- implements ``training_losses(batch)``: one ``FlowLoss`` per optimizer step on the batch, i.e. the loss and
-  the per-scale log-likelihood values of the normal training images it saw;
-- implements ``configure_optimizers`` and ``trainer_arguments``;
-- may override ``check_input_size`` (which sizes the model accepts) and ``build_for_input_size`` (rebuild the
-  parts whose shapes depend on the input size; FastFlow's layer norms).
-
-The base class owns everything else: ``training_step`` (finite-loss check before any update, normal-data
-statistics, manual optimization when a subclass turns automatic optimization off, logging), the input size
-(given as ``input_size`` or by a custom pre-processor; checked; stored in the hyper-parameters; restored with
-its shape-dependent parts from a checkpoint before its state dict loads), the normal-data statistics life cycle
-(``flowad_plugins.statistics``), checks of the training data, random-number states in checkpoints (a resumed
-run continues exactly where it stopped), the evaluator (with AUPRO) and the post-processor.
+A subclass sets ``self.model`` (a torch model with ``.encoder`` and ``.scorer``) and then calls ``adopt_input_size``;
+it implements ``training_losses(batch)`` (one ``FlowLoss`` per optimizer step) and ``configure_optimizers``, and may
+override ``trainer_arguments``, ``check_input_size`` and ``build_for_input_size`` (FastFlow's layer norms).
+The base class owns the rest: training steps (finite-loss check, normal-data statistics, manual optimization), the
+input size (checked, kept in the hyper-parameters, rebuilt from a checkpoint), random-number states in checkpoints
+(a resumed run continues exactly), checks of the training data, the evaluator and the post-processor.
 """
 
 from __future__ import annotations
@@ -61,12 +52,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class FlowLoss(NamedTuple):
-    """What one optimizer step of a flow model computed.
-
-    ``loss``: the scalar to minimise. ``log_likelihoods[l]``: log-likelihoods per dimension (any shape) of the
-    normal training data at scale ``l`` that this step saw, for the scorer's statistics; ``None`` where a
-    scale saw nothing new in this step.
-    """
+    """One optimizer step of a flow model: ``loss`` (the scalar to minimise) and ``log_likelihoods[l]``, the
+    log-likelihoods per dimension (any shape) of the normal data at scale ``l`` this step saw (for the scorer's
+    statistics; ``None`` where a scale saw nothing new)."""
 
     loss: torch.Tensor
     log_likelihoods: Sequence[torch.Tensor | None]
@@ -83,7 +71,17 @@ def check_optimiser_settings(lr: float, **non_negative: float) -> None:
 
 
 class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
-    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module."""
+    """Base of ``CflowAD``, ``FastFlow`` and ``CSFlow`` (one-class, trained on normal images); see the module.
+
+    Common arguments of the three models:
+        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
+        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
+        input_size: ``(H, W)`` the default pre-processor resizes to; ``None`` = a custom pre-processor's size, else
+            ``DEFAULT_INPUT_SIZE``.
+        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
+        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
+            ``--seed_everything``), so the same run twice gives the same model; ``None`` leaves the random state alone.
+    """
 
     # input size of the default pre-processor when neither ``input_size`` nor a pre-processor is given
     DEFAULT_INPUT_SIZE: ClassVar[tuple[int, int]] = (256, 256)
@@ -95,11 +93,7 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         pre_processor: PreProcessor | bool = True,
         **components: Any,
     ) -> None:
-        """``input_size``: ``(H, W)`` the default pre-processor resizes to (``None``: a custom pre-processor's
-        size, else ``DEFAULT_INPUT_SIZE``). ``seed``: when set, ``seed_everything(seed)`` before the subclass
-        builds its networks, so the same ``anomalib train ... --model.seed 0`` twice gives the same model
-        (anomalib's CLI never applies ``--seed_everything``). ``components``: anomalib's post-processor,
-        evaluator and visualizer."""
+        """See the class; ``components``: anomalib's post-processor, evaluator and visualizer."""
         if seed is not None:
             seed_everything(seed, workers=True)
         size = None if input_size is None else validated_input_size(input_size)
@@ -113,11 +107,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     @abstractmethod
     def training_losses(self, batch: Batch) -> Iterator[FlowLoss]:
-        """Yield one ``FlowLoss`` per optimizer step on ``batch`` (exactly one under automatic optimization).
-
-        With manual optimization the base class steps the optimizer after each yielded loss, so a generator
-        computes each step's loss with the weights left by the previous step.
-        """
+        """Yield one ``FlowLoss`` per optimizer step on ``batch`` (exactly one under automatic optimization); with
+        manual optimization the optimizer steps after each, so each loss sees the previous step's weights."""
 
     def check_input_size(self, input_size: tuple[int, int]) -> None:
         """Raise ``ValueError`` naming ``input_size`` when the model cannot use it (default: the encoder's check)."""
@@ -156,12 +147,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """anomalib's default test metrics plus pixel AUPRO (FPR limit 0.3); ranking metrics on validation.
-
-        Validation metrics (prefix ``val_``) are what model and hyper-parameter choices may look at;
-        with a validation split from normal training images (+ synthetic anomalies) they never touch
-        the test set. The pixel-level ones run at the last validation of a fit only (``FlowEvaluator``).
-        """
+        """anomalib's default test metrics plus pixel AUPRO (FPR limit 0.3); ranking metrics on validation
+        (prefix ``val_``, what model choices may look at; pixel-level ones at a fit's last validation only)."""
         val_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="val_image_", strict=False),
             AUROC(fields=["anomaly_map", "gt_mask"], prefix="val_pixel_", strict=False),
@@ -183,6 +170,11 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's component callbacks plus the normal-data statistics life cycle."""
         return [*super().configure_callbacks(), NormalStatisticsLifeCycle()]
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping by Lightning; no sanity validation (the scorer has no statistics before training)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     @property
     def learning_type(self) -> LearningType:
@@ -242,11 +234,8 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         return {"loss": mean_loss if manual else last_loss}
 
     def check_finite_loss(self, loss: torch.Tensor, images: torch.Tensor | None = None) -> None:
-        """Stop training with a clear message, naming the likely cause, when ``loss`` is NaN or infinite.
-
-        Called before ``backward``: the weights (and every checkpoint written so far) stay as they were.
-        ``images`` (``B×3×H×W``, the batch) lets the message tell bad data from a diverging optimisation.
-        """
+        """Stop training with a message naming the likely cause when ``loss`` is NaN or infinite. Called before
+        ``backward``, so the weights stay intact; ``images`` (``B×3×H×W``) tells bad data from a divergence."""
         finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
         if distributed_world_size() > 1:  # every rank stops together, none waits in the next all-reduce
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -300,15 +289,11 @@ class FlowAnomalibModule(FlowOpenVINOCompression, AnomalibModule):
         checkpoint[MODEL_CLASS_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild for the checkpoint's input size before its state dict loads; when resuming a fit, restore the
-        saved random-number states.
+        """Rebuild for the checkpoint's input size (its pre-processor's, else its ``input_size`` hyper-parameter)
+        before its state dict loads; when resuming a fit, restore the saved random-number states.
 
-        The size is the checkpoint's pre-processor size (anomalib restores the pre-processor here), else its
-        ``input_size`` hyper-parameter: a model built from other ``--model.*`` arguments (``anomalib test
-        --ckpt_path``) gets the shapes it was trained with. Lightning loads the checkpoint after the data set-up
-        and creates the resumed epoch's data iterator (which draws its shuffling seed) before
-        ``on_train_epoch_start``, so this is the last point before that draw. ``load_from_checkpoint`` (no
-        trainer) leaves the global generators alone.
+        This is the last point before the resumed epoch's data iterator draws its shuffling seed (Lightning
+        creates it before ``on_train_epoch_start``). ``load_from_checkpoint`` (no trainer) leaves them alone.
         """
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("hyper_parameters", {}).get("input_size")

@@ -1,11 +1,8 @@
 """``FlowEvaluator``: anomalib's ``Evaluator``, with the pixel-level validation metrics of a fit computed once.
 
-Pixel AUROC and AUPRO over every validation pixel take seconds per epoch at 640 px (more than a quarter of a
-CS-Flow epoch on 2 CPU cores), time a budgeted fit would rather spend training. Earlier validations of a fit
-update and log the image-level metrics only; the last one (``statistics.is_last_validation_of_fit``: the last
-epoch, or the trainer stopping on its time budget or early stopping) computes them all, on the model the fit
-keeps. A validate-only run (``Engine.validate``) computes them all. Monitor an image-level metric
-(``val_image_AUROC``) for early stopping or checkpoint selection.
+Pixel AUROC and AUPRO over every validation pixel take seconds per epoch at 640 px. Earlier validations of a fit
+log the image-level metrics only; the last one (``is_last_validation_of_fit``) and a validate-only run compute them
+all. Monitor an image-level metric (``val_image_AUROC``) for early stopping or checkpoint selection.
 """
 
 from __future__ import annotations

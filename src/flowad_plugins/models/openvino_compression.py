@@ -1,18 +1,11 @@
 """OpenVINO compression of the flow models: the one place that overrides private anomalib hooks.
 
-anomalib 2.7 offers no public hook for the compression step of ``to_openvino`` (``Engine.export(...,
-compression_type=...)``): ``ExportMixin.to_openvino`` calls ``_compress_ov_model``. Overriding the public
-``to_openvino`` instead would mean re-implementing anomalib's ONNX → IR pipeline, so this mixin overrides that private
-method, keeping its signature; check it when upgrading anomalib (``tests/test_contract_cli.py`` exports every
-compression type).
-
-- ``FP16``: anomalib's (weights stored in float16).
-- ``INT8``: weights of the flow heads only (``export.compress_flow_weights``), the backbone stays float.
-- ``INT8_PTQ`` / ``INT8_ACQ`` are refused before any export work (``export.check_compression``).
-
-Every IR written by ``to_openvino`` (any compression) then gets its backbone and score tail marked float32
-(``export.precision.keep_precision_critical_in_float32``), so it is accurate when compiled with no configuration
-on CPUs whose default precision is bf16, while the flow head runs in the CPU's fast precision.
+anomalib 2.7 has no public hook for the compression step of ``to_openvino``, which calls ``_compress_ov_model``;
+this mixin overrides that private method with its signature (check it when upgrading anomalib;
+``tests/test_contract_cli.py`` exports every compression type). ``FP16``: anomalib's. ``INT8``: the flow head's
+weights only (``export.compress_flow_weights``). ``INT8_PTQ`` / ``INT8_ACQ``: refused before any export work. Every
+IR then gets its backbone and score tail marked float32 (``export.precision``), so it is accurate at the default
+precision of bf16 CPUs while the flow head runs in the CPU's fast precision.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostProcessor) -> Path:
     """Stamp ``post_processor.threshold_metadata()`` (JSON) into an exported ``.onnx`` or OpenVINO ``.xml`` file."""
-    path = Path(export_path)
+    path = _export_file(export_path)
     payload = json.dumps(post_processor.threshold_metadata())
     if path.suffix == ".onnx":
         import onnx
@@ -34,7 +34,7 @@ def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostPr
         model.metadata_props.extend(kept)
         model.metadata_props.add(key=METADATA_KEY, value=payload)
         onnx.save(model, str(path))
-    elif path.suffix == ".xml":
+    else:
         import openvino as ov
 
         from flowad_plugins.export.precision import mark_precise, marked_layer_names
@@ -49,34 +49,35 @@ def write_threshold_metadata(export_path: str | Path, post_processor: FlowPostPr
             shutil.move(staged, path)
             shutil.move(staged.with_suffix(".bin"), path.with_suffix(".bin"))
         mark_precise(path, lambda name, _: name in float32_layers)
-    else:
-        msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
-        raise ValueError(msg)
     return path
 
 
 def read_threshold_metadata(export_path: str | Path) -> dict[str, Any]:
     """The metadata written by ``write_threshold_metadata`` (``.onnx`` or OpenVINO ``.xml``)."""
-    path = Path(export_path)
+    path = _export_file(export_path)
     if path.suffix == ".onnx":
         import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
-        values = {prop.key: prop.value for prop in model.metadata_props}
-        if METADATA_KEY not in values:
-            msg = f"{path} has no {METADATA_KEY!r} metadata; call write_threshold_metadata after export."
-            raise KeyError(msg)
-        return json.loads(values[METADATA_KEY])
-    if path.suffix == ".xml":
+        values = {prop.key: prop.value for prop in onnx.load(str(path), load_external_data=False).metadata_props}
+        payload = values.get(METADATA_KEY)
+    else:
         import openvino as ov
 
         model = ov.Core().read_model(str(path))
-        if not model.has_rt_info([METADATA_KEY]):
-            msg = f"{path} has no {METADATA_KEY!r} metadata; call write_threshold_metadata after export."
-            raise KeyError(msg)
-        return json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
-    msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
-    raise ValueError(msg)
+        payload = model.get_rt_info([METADATA_KEY]).astype(str) if model.has_rt_info([METADATA_KEY]) else None
+    if payload is None:
+        msg = f"{path} has no {METADATA_KEY!r} metadata; call write_threshold_metadata after export."
+        raise KeyError(msg)
+    return json.loads(payload)
+
+
+def _export_file(export_path: str | Path) -> Path:
+    """``export_path`` as a ``Path``; ``ValueError`` unless it is an ``.onnx`` or OpenVINO ``.xml`` file name."""
+    path = Path(export_path)
+    if path.suffix not in (".onnx", ".xml"):
+        msg = f"export_path must end in .onnx or .xml (OpenVINO IR); got {path.name!r}."
+        raise ValueError(msg)
+    return path
 
 
 def finite_or_none(value: torch.Tensor) -> float | None:

@@ -43,8 +43,6 @@ class NormalValidationPredictions(Metric):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """(normal scores ``(n,)``, normal maps ``(n, P)`` or ``None``, number of anomalous images)."""
         scores = torch.cat(self.scores) if isinstance(self.scores, list) else self.scores
-        if isinstance(scores, list):  # no update yet
-            scores = torch.empty(0)
         maps = self.maps
         if isinstance(maps, list):
             maps = torch.cat(maps) if maps else None

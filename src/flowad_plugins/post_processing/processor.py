@@ -94,7 +94,7 @@ class FlowPostProcessor(PostProcessor):
                 "val_split_mode='from_train' or 'synthetic' with val_split_ratio > 0."
             )
             raise ValueError(msg)
-        self._check_counts(len(val_normal))
+        check_normal_image_counts(len(val_normal), self.image_fpr, self.pixel_fpr)
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Batch, *args: Any, **kwargs: Any
@@ -131,10 +131,6 @@ class FlowPostProcessor(PostProcessor):
 
     # ---------------------------------------------------------------- thresholds
 
-    def _check_counts(self, normal_images: int) -> None:
-        """Raise when ``normal_images`` cannot support a requested rate (message says how many are needed)."""
-        check_normal_image_counts(normal_images, self.image_fpr, self.pixel_fpr)
-
     def _compute_normalization(self) -> None:
         """Scale of the normalised score: ``threshold ± spread`` of the normal validation values (so a normal image
         one spread below the threshold reads 0.25); without thresholds, anomalib's validation min and max."""
@@ -157,7 +153,7 @@ class FlowPostProcessor(PostProcessor):
     def _compute_thresholds(self, pixel: bool = True) -> None:
         normal_scores, normal_maps, anomalous = self._normal_predictions.compute()
         normal_images = int(normal_scores.numel())
-        self._check_counts(normal_images)
+        check_normal_image_counts(normal_images, self.image_fpr, self.pixel_fpr)
         f1_image = self._f1_threshold(self._image_threshold_metric) if anomalous else None
         f1_pixel = self._f1_threshold(self._pixel_threshold_metric) if anomalous and pixel else None
         report: dict[str, Any] = {"normal_images": normal_images, "anomalous_images": anomalous}
@@ -211,9 +207,7 @@ class FlowPostProcessor(PostProcessor):
             "report": self.threshold_report,
         }
 
-    # ---------------------------------------------------------------- normalisation
-
-    # ---------------------------------------------------------------- labels and masks
+    # ---------------------------------------------------------------- labels, masks and normalisation
 
     def forward(self, predictions: InferenceBatch) -> InferenceBatch:
         """anomalib's post-processing (used by exported graphs), with the mask only on images labelled anomalous."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .thresholds import MIN_NORMAL_IMAGES_FOR_PIXEL_FPR
+
 
 def threshold_summary(report: dict[str, Any]) -> str:
     """A few lines describing ``report`` (``FlowPostProcessor.threshold_report``)."""
@@ -46,9 +48,6 @@ def _z(rate: float) -> float:
     return float(norm.ppf(1.0 - rate))
 
 
-MIN_NORMAL_IMAGES_FOR_PIXELS = 10  # pixels of one image are correlated: fewer images make the pixel rate a guess
-
-
 def threshold_warnings(report: dict[str, Any]) -> list[str]:
     """What a person must know about ``report``: thresholds resting on too few images, and what to do."""
     warnings = []
@@ -60,10 +59,10 @@ def threshold_warnings(report: dict[str, Any]) -> list[str]:
             f"{image['fpr']:.0%} false-alarm rate without assuming a distribution): the rate you get on the line may "
             "be several times higher or lower. Add normal images or raise val_split_ratio (each held-out normal "
             "image counts), or check the rate on a day of production images before relying on the labels.")
-    if report.get("pixel", {}).get("source") == "fpr_default" and normal < MIN_NORMAL_IMAGES_FOR_PIXELS:
+    if report.get("pixel", {}).get("source") == "fpr_default" and normal < MIN_NORMAL_IMAGES_FOR_PIXEL_FPR:
         warnings.append(
             f"The pixel threshold rests on the pixels of only {normal} normal validation images: masks may be too "
-            f"large or too small. Hold out at least {MIN_NORMAL_IMAGES_FOR_PIXELS} normal images (val_split_ratio).")
+            f"large or too small. Hold out at least {MIN_NORMAL_IMAGES_FOR_PIXEL_FPR} normal images (val_split_ratio).")
     return warnings
 
 

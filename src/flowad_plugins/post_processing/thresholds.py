@@ -22,25 +22,15 @@ PIXEL_RELATIVE_ERROR_WARNING = 0.5
 
 
 def required_normal_images(fpr: float) -> int:
-    """Fewest normal images ``n`` whose order statistics can realise an image false-alarm rate ``fpr``.
-
-    The ``k``-th largest of ``n`` normal scores is exceeded by a new normal score with probability
-    ``k/(n+1)``; ``k = ⌊fpr·(n+1)⌋ ≥ 1`` needs ``n ≥ ⌈1/fpr⌉ − 1``.
-    """
+    """Fewest normal images ``n`` whose order statistics can realise an image false-alarm rate ``fpr``:
+    ``k = ⌊fpr·(n+1)⌋ ≥ 1`` needs ``n ≥ ⌈1/fpr⌉ − 1``."""
     return max(1, math.ceil(1.0 / fpr - 1.0 - 1e-9))
 
 
 def false_alarm_threshold(normal_scores: torch.Tensor, fpr: float, allow_fewer: bool = False) -> tuple[float, int]:
-    """Threshold flagging about ``fpr`` of new normal scores: the ``k``-th largest of ``normal_scores``.
-
-    Args:
-        normal_scores: scores of normal samples, any shape (flattened), ``n`` values.
-        fpr: wanted false-alarm rate in (0, 1).
-        allow_fewer: with ``⌊fpr·(n+1)⌋ < 1`` use the largest score (rate ``1/(n+1)``) instead of raising.
-
-    Returns:
-        (raw threshold, rank ``k``); flag ``score > threshold``. Expected rate ``k/(n+1) ≤ fpr``.
-    """
+    """``(raw threshold, k)`` flagging about ``fpr`` of new normal scores: the ``k``-th largest of the ``n`` values of
+    ``normal_scores`` (any shape), ``k = ⌊fpr·(n+1)⌋``; flag ``score > threshold`` (expected rate ``k/(n+1) ≤ fpr``).
+    ``allow_fewer``: with ``k < 1`` use the largest score (rate ``1/(n+1)``) instead of raising."""
     values = normal_scores.detach().flatten().float()
     count = values.numel()
     rank = math.floor(fpr * (count + 1) + 1e-9)
@@ -86,11 +76,8 @@ def check_normal_image_counts(normal_images: int, image_fpr: float | None, pixel
 
 
 def gaussian_threshold(normal_scores: torch.Tensor, fpr: float) -> float:
-    """``mean + z₁₋fpr·std`` of ``normal_scores`` (sample std): the rate-``fpr`` quantile of a normal fitted to them.
-
-    Used for the image threshold when there are too few normal validation images for an order statistic at the
-    default rate (``required_normal_images``): the highest of 5 scores would flag about 1 in 6 normal images.
-    """
+    """``mean + z₁₋fpr·std`` of ``normal_scores`` (sample std): the rate-``fpr`` quantile of a fitted normal. For the
+    image threshold when too few images support the default rate (the highest of 5 scores flags about 1 in 6)."""
     values = normal_scores.detach().flatten().double()
     spread = float(values.std()) if values.numel() > 1 else 0.0
     return float(values.mean()) + float(norm.ppf(1.0 - fpr)) * spread
@@ -106,12 +93,11 @@ def level_threshold_report(
 ) -> dict[str, Any]:
     """Threshold report of one level (``"image"``: scores ``(n,)``; ``"pixel"``: maps ``(n, P)``).
 
-    Both levels: the requested rate, else ``default``, from the normal validation values (an order statistic; for
-    the image level ``gaussian_threshold`` when too few images support the default rate). The F1-optimal threshold
-    on validation anomalies is reported alongside, never used: on validation of unseen normal images and small
-    defects the rate rules labelled and masked at least as well (``docs/selection.md``).
-    The entry holds the source (``fpr``, ``fpr_default``, ``fpr_gaussian``, ``f1``, ``none``), rate, raw threshold,
-    rank and expected rate (image) or the validation rate and its standard error across images (pixel).
+    The requested rate, else ``default``, as an order statistic of the normal validation values (image level:
+    ``gaussian_threshold`` when too few images support the default rate). The F1-optimal threshold is reported, never
+    used: the rate rules labelled and masked at least as well on validation (``docs/selection.md``). The entry holds
+    the source (``fpr``, ``fpr_default``, ``fpr_gaussian``, ``none``), rate, raw threshold, and the rank and expected
+    rate (image) or the validation rate and its standard error across images (pixel).
     """
     entry: dict[str, Any] = {"requested_fpr": requested, "f1_threshold": f1_threshold}
     if normal_images == 0:

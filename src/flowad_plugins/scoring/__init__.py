@@ -1,8 +1,4 @@
-"""Likelihood → anomaly map and image score, with statistics of normal training data (shared by the three models).
-
-``likelihood`` (the log-likelihood per dimension), ``resampling`` (upsampling and smoothing as matrix products),
-``statistics`` (normal-data statistics and when a fit writes them), ``scorer`` (``AnomalyScorer``).
-"""
+"""Likelihood → anomaly map and image score, with statistics of normal training data (shared by the three models)."""
 
 from .likelihood import gaussian_log_likelihood
 from .scorer import AnomalyScorer

@@ -1,9 +1,9 @@
 """Upsampling and Gaussian smoothing of score maps as products with small constant matrices.
 
 Both are linear and separable: a map ``M`` (``h×w``) upsampled to ``H×W`` and smoothed is ``A·M·Bᵀ`` with
-``A = K_H·U_{H←h}`` (``H×h``), ``U`` the bilinear interpolation matrix (``align_corners=False``, as
-``F.interpolate``) and ``K`` the reflect-padded Gaussian. The same two GEMMs run in eager mode and in exported
-graphs (where OpenVINO sees a MatMul on constants instead of Interpolate + Pad + convolutions).
+``A = K_H·U_{H←h}`` (``U``: bilinear interpolation as ``F.interpolate(align_corners=False)``, ``K``: reflect-padded
+Gaussian). The same two GEMMs run in eager mode and in exported graphs (a MatMul on constants instead of Interpolate
++ Pad + convolutions).
 """
 
 from __future__ import annotations
@@ -51,11 +51,8 @@ def resampling_matrix(source: int, target: int, sigma: float) -> np.ndarray:
 
 
 class MapResampler:
-    """``Σ_l w_l·A_l·M_l·B_lᵀ``: maps ``B×h_l×w_l`` → one ``B×1×H×W``, upsampled and smoothed.
-
-    Matrices are cached per shape, σ, device and dtype in eager mode; while a graph is captured they are built
-    afresh, so they become constants of that graph and never a tensor cached from another device or mode.
-    """
+    """``Σ_l w_l·A_l·M_l·B_lᵀ``: maps ``B×h_l×w_l`` → one ``B×1×H×W``, upsampled and smoothed. The matrices are
+    cached in eager mode only: a captured graph gets fresh constants, never a tensor cached in another mode."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

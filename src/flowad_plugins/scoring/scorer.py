@@ -37,18 +37,14 @@ def _non_negative(name: str, value: float) -> float:
 class AnomalyScorer(nn.Module):
     """Combine per-scale log-likelihood maps into an anomaly map and an image score; nothing depends on the batch.
 
-    Each scale ``l`` is first made relative to its normal-training statistics (``LikelihoodStatistics``), in one
-    of two domains (the model's choice, ``aggregation``):
-
-    - ``"likelihood"`` (CFLOW-AD, FastFlow): ``p_l = exp(log p_l − μ_l)``, upsampled and summed in the
-      probability domain as the papers do (with the training mean in place of their batch maximum), returned as
-      ``−log Σ_l p_l``;
-    - ``"standardized"`` (CS-Flow): ``(μ_l − log p_l)/σ_l``, upsampled and averaged.
+    Each scale ``l`` is made relative to its normal-training statistics (``LikelihoodStatistics``), per
+    ``aggregation``: ``"likelihood"`` (CFLOW-AD, FastFlow): ``p_l = exp(log p_l − μ_l)``, upsampled and summed in the
+    probability domain as the papers do (the training mean in place of their batch maximum), returned as
+    ``−log Σ_l p_l``; ``"standardized"`` (CS-Flow): ``(μ_l − log p_l)/σ_l``, upsampled and averaged.
 
     The anomaly map combines ``map_scales`` smoothed by ``blur_sigma``. The image score is the maximum of the
-    unsmoothed combination of ``score_scales``, smoothed by ``score_blur_sigma`` (so the map's own smoothing serves
-    localisation only). The plain maximum was chosen over the map standardised per position on validation: that one
-    turned the bf16 backbone and ±2/255 brightness into false alarms (``docs/selection.md``).
+    unsmoothed combination of ``score_scales`` smoothed by ``score_blur_sigma``: the plain maximum, chosen over the
+    map standardised per position, which turned bf16 and ±2/255 brightness into false alarms (``docs/selection.md``).
 
     Args:
         num_scales: log-likelihood maps per image.

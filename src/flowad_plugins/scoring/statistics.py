@@ -1,15 +1,10 @@
 """Statistics of normal training data that the scorer stands on, and when a fit writes them.
 
-``LikelihoodStatistics`` holds the mean and std of the log-likelihood per scale (each scale's map is made relative
-to them). ``NormalStatisticsLifeCycle`` (a callback every flow model installs) is the one place that writes them:
-
-- ``on_train_epoch_start``: forget the previous epoch's values; each optimizer step adds its own
-  (``FlowAnomalibModule.training_step``);
-- ``on_validation_epoch_start``: commit them before validation scores anything (Lightning validates *before*
-  ``on_train_epoch_end``, and thresholds must be set on this epoch's scoring);
-- ``on_train_epoch_end``: commit for epochs without validation (a no-op after the first commit).
-
-Under DDP the sums are all-reduced, so every rank writes the same values.
+``LikelihoodStatistics``: mean and std of the log-likelihood per scale. ``NormalStatisticsLifeCycle`` (a callback of
+every flow model) is the one place that writes them: it forgets the previous epoch's values at each training epoch's
+start (each optimizer step then adds its own), and commits them at the start of validation (Lightning validates
+*before* ``on_train_epoch_end``, and thresholds must be set on this epoch's scoring) or, without validation, at the
+epoch's end. Under DDP the sums are all-reduced, so every rank writes the same values.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -33,8 +32,6 @@ class CflowAD(FlowAnomalibModule):
     Args:
         backbone: timm model name (any CNN with ``feature_info``).
         layers: backbone layers, shallow to deep.
-        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
-        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         condition_dim: positional-encoding size (multiple of 4).
         coupling_blocks: coupling blocks per decoder.
         clamp_alpha: soft clamp of the affine coupling.
@@ -46,9 +43,8 @@ class CflowAD(FlowAnomalibModule):
         blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (256×256). Any size the backbone layers accept works.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_trained, backbone_weights, pre_processor, post_processor, evaluator, visualizer, seed: see
+            ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -73,28 +69,15 @@ class CflowAD(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         if fiber_batch_size < 1:
             msg = f"fiber_batch_size must be ≥ 1, got {fiber_batch_size}."
             raise ValueError(msg)
         self.model = CflowADModel(
-            backbone=backbone,
-            layers=list(layers),
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            condition_dim=condition_dim,
-            coupling_blocks=coupling_blocks,
-            clamp_alpha=clamp_alpha,
-            permute_soft=permute_soft,
-            inference_chunk_size=inference_chunk_size,
-            blur_sigma=blur_sigma,
+            backbone=backbone, layers=list(layers), pre_trained=pre_trained, backbone_weights=backbone_weights,
+            condition_dim=condition_dim, coupling_blocks=coupling_blocks, clamp_alpha=clamp_alpha,
+            permute_soft=permute_soft, inference_chunk_size=inference_chunk_size, blur_sigma=blur_sigma,
         )
         self.adopt_input_size(self.input_size)
         self.fiber_batch_size = fiber_batch_size
@@ -133,8 +116,3 @@ class CflowAD(FlowAnomalibModule):
                 loss = loss + (-F.logsigmoid(log_likelihood)).mean()
                 log_likelihoods.append(log_likelihood if step < len(order) else None)  # each fiber counted once
             yield FlowLoss(loss, log_likelihoods)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping by Lightning (manual optimization); no sanity validation."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

@@ -32,17 +32,7 @@ class CflowADModel(nn.Module):
     coupling flow on fibers conditioned on the 2D positional encoding of the position. In eval mode
     ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``.
 
-    Args:
-        backbone: timm model name.
-        layers: backbone layers, shallow to deep.
-        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
-        backbone_weights: local weights file for the backbone.
-        condition_dim: size of the positional condition (multiple of 4).
-        coupling_blocks: coupling blocks per decoder.
-        clamp_alpha: soft clamp of the coupling scale.
-        permute_soft: random orthogonal (True) or hard (False) channel mixing between blocks.
-        inference_chunk_size: fibers decoded in one vectorised pass at inference (bounds memory only).
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    Arguments: as ``CflowAD``'s of the same name.
     """
 
     # eval batches run in passes of at most this many input pixels (4 images of 256², see ``inference_passes``)
@@ -88,11 +78,9 @@ class CflowADModel(nn.Module):
     ) -> torch.Tensor:
         """Log-likelihood per dimension ``N`` of fibers ``N×C`` at ``positions`` of an ``h×w`` map (decoder ``layer``).
 
-        ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional
-        condition is projected once per position (``flows.fiber_flow_forward``), not per fiber; without
-        gradients the projection is cached until the decoder's parameters change (eager only: exported graphs
-        take ``log_likelihood_maps``' map form, which never reads the cache). The flow runs in float32 even under
-        autocast (``flowad_plugins.precision``).
+        ``positions=None``: the fibers are whole maps in row-major order (``N = B·h·w``). The positional condition
+        is projected once per position; without gradients that projection is cached until the decoder's parameters
+        change (exported graphs take the map form, which never reads the cache). The flow runs in float32.
         """
         with float32_region(fibers.device.type):
             return self._fiber_log_likelihood(layer, as_float32(fibers), positions, map_size)
@@ -115,12 +103,9 @@ class CflowADModel(nn.Module):
         return gaussian_log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one vectorised pass.
-
-        Chunked by whole images (at least one) only when a batch has more than ``inference_chunk_size``
-        fibers, to bound memory; the positional condition is broadcast, not gathered. Exported graphs run the
-        flows on the maps themselves (``flows.map_flow_forward``: 1×1 convolutions with a per-position bias, no
-        layout changes), which OpenVINO runs with fewer ops than the fiber form.
+        """Per-layer log-likelihood maps ``B×h_l×w_l``: all fibers of the batch in one vectorised pass (chunked by
+        whole images only beyond ``inference_chunk_size`` fibers). Exported graphs run the flows on the maps
+        themselves (``flows.map_flow_forward``), which OpenVINO runs with fewer ops than the fiber form.
         """
         # measured both ways: eager fibers 18–30 % faster than maps (flow_forms.md), OpenVINO maps faster
         # (openvino_profile.md); the map form also keeps the eager step cache out of graphs

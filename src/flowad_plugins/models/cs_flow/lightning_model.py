@@ -30,47 +30,38 @@ from .torch_model import CSFlowModel
 class CSFlow(FlowAnomalibModule):
     """CS-Flow (Rudolph et al., WACV 2022) with batch-independent, train-statistics scoring.
 
-    Loss: negative log-likelihood per latent dimension, ``mean_b (½‖z_b‖² − log|det J_b|) / D + ½·log 2π`` over
-    all scales, ``D`` = latent size per image (the paper's loss up to the constant).
-    Adam with weight decay; Lightning clips the gradient norm to ``gradient_clip_norm`` (set here, not in
-    ``trainer:``, because anomalib lets a model's ``trainer_arguments`` override the trainer's). Optional
-    linear warm-up + cosine decay of the LR (``lr_schedule="cosine"``), stepped per batch.
+    Loss: negative log-likelihood per latent dimension, ``mean_b (½‖z_b‖² − log|det J_b|) / D + ½·log 2π`` over all
+    scales, ``D`` = latent size per image. Adam with weight decay; Lightning clips the gradient norm to
+    ``gradient_clip_norm`` (set here: anomalib lets a model's ``trainer_arguments`` override ``trainer:``).
 
     Args:
         backbone: timm CNN name.
         layer: the one backbone layer used at every scale.
-        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
-        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         num_scales: input scales (full, 1/2, 1/4, …); paper: 3.
         coupling_blocks: cross-scale coupling blocks; paper: 4.
         kernel_sizes: subnet kernel per block; ``None`` = ``[3, …, 3, 5]`` (paper).
         hidden_channels: subnet width; ``None`` = the layer's channels (compact default). Paper: 1024.
         clamp_alpha: soft clamp ``α``; paper: 3.
         input_norm: data-initialised per-channel affine before the blocks (not in the paper; see ``flows``).
-        lr: Adam learning rate (peak of the schedule); paper: 2e-4 (constant, hundreds of epochs). The default
-            4e-3 with warm-up + cosine suits the short CPU schedules (8 epochs) this package is tuned for: chosen
-            on the small-defect validation of bottle, tire and generated data (``docs/selection.md``).
+        lr: Adam learning rate (peak of the schedule); paper: 2e-4 (constant, hundreds of epochs). 4e-3 with warm-up
+            + cosine suits the short CPU schedules this package is tuned for (``docs/selection.md``).
         weight_decay: Adam weight decay; paper: 1e-5.
         gradient_clip_norm: maximal gradient norm (0 = no clipping); paper: 1.
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (warm-up, then cosine decay).
         warmup_fraction: share of the steps spent on warm-up with ``lr_schedule="cosine"``.
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none). 16 for CS-Flow: the
-            highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
-            generated data.
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen (with the former per-position score) on the small-defect
-            validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
+        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none); 16: the best validation pixel
+            AUROC of σ 4 / 8 / 12 / 16 on small defects of bottle, tire and generated data.
+        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score (0 = the
+            plain maximum); 4: chosen on the same validation (``benchmarks/results/local_defect_validation.md``).
         input_size: ``(H, W)`` of the default pre-processor; ``None`` = a custom pre-processor's size, else
             ``DEFAULT_INPUT_SIZE`` (640×640). Height and width must be multiples of the backbone stride × 4.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_trained, backbone_weights, pre_processor, post_processor, evaluator, visualizer, seed: see
+            ``FlowAnomalibModule``.
     """
 
     LR_SCHEDULES = ("constant", "cosine")
-    # 640 px was chosen on bottle validation over 256 and 512 px (benchmarks/results/bottle/csflow*.json; the paper
-    # uses 768 px); layer blocks.2 (stride 8: an 80×80 finest map at 640 px) over blocks.4 (stride 16) on validation
-    # with small synthetic defects of bottle, tire and generated data (benchmarks/results/local_defect_validation.md).
+    # 640 px over 256 and 512 px on bottle validation (benchmarks/results/bottle/csflow*.json; paper: 768 px), with
+    # blocks.2 over blocks.4 on small defects (benchmarks/results/local_defect_validation.md)
     DEFAULT_INPUT_SIZE = (640, 640)
 
     def __init__(
@@ -99,30 +90,16 @@ class CSFlow(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         if lr_schedule not in self.LR_SCHEDULES:
             msg = f"lr_schedule={lr_schedule!r} is not supported; allowed values: {list(self.LR_SCHEDULES)}."
             raise ValueError(msg)
         check_optimiser_settings(lr, weight_decay=weight_decay, gradient_clip_norm=gradient_clip_norm)
         self.model = CSFlowModel(
-            backbone=backbone,
-            layer=layer,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            num_scales=num_scales,
-            coupling_blocks=coupling_blocks,
-            kernel_sizes=kernel_sizes,
-            hidden_channels=hidden_channels,
-            clamp_alpha=clamp_alpha,
-            input_norm=input_norm,
-            blur_sigma=blur_sigma,
+            backbone=backbone, layer=layer, pre_trained=pre_trained, backbone_weights=backbone_weights,
+            num_scales=num_scales, coupling_blocks=coupling_blocks, kernel_sizes=kernel_sizes,
+            hidden_channels=hidden_channels, clamp_alpha=clamp_alpha, input_norm=input_norm, blur_sigma=blur_sigma,
             score_blur_sigma=score_blur_sigma,
         )
         self.adopt_input_size(self.input_size)

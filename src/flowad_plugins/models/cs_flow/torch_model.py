@@ -21,31 +21,13 @@ from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 class CSFlowModel(nn.Module):
     """CS-Flow (Rudolph et al., WACV 2022) as a plain ``nn.Module``.
 
-    The image is box-downsampled by 2 and 4 inside the model; the same backbone layer (stride ``r``) maps
-    the three images to ``B×C×H/r×W/r``, ``B×C×H/2r×W/2r``, ``B×C×H/4r×W/4r``; a ``CrossScaleFlow`` maps
-    them jointly to latents ``z_l``. The log-likelihood map of scale ``l`` is ``−‖z_l‖²/(2C)`` per position;
-    ``AnomalyScorer`` standardises it with normal-training statistics, upsamples and averages the scales.
+    The image is box-downsampled by 2 and 4 inside the model; the same backbone layer (stride ``r``) maps the three
+    images to ``B×C×H/r×W/r``, ``B×C×H/2r×W/2r``, ``B×C×H/4r×W/4r``, which a ``CrossScaleFlow`` maps jointly to
+    latents ``z_l``. The log-likelihood map of scale ``l`` is ``−‖z_l‖²/(2C)`` per position (``AnomalyScorer``
+    combines the scales). ``forward(images B×3×H×W)``: eval ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``,
+    train ``(latents [B×C×h_l×w_l], log|det J| B)``.
 
-    In eval mode ``forward(images B×3×H×W)`` returns ``InferenceBatch(pred_score B, anomaly_map B×1×H×W)``;
-    in train mode ``(latents [B×C×h_l×w_l], log|det J| B)``.
-
-    Args:
-        backbone: timm CNN name.
-        layer: the backbone layer (``FeatureExtractor.available_layers(backbone)``).
-        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
-        backbone_weights: local weights file for the backbone.
-        num_scales: input scales (full, 1/2, 1/4, …); the paper uses 3.
-        coupling_blocks: cross-scale coupling blocks.
-        kernel_sizes: subnet kernel per block; ``None`` = ``[3, …, 3, 5]`` (paper).
-        hidden_channels: subnet width; ``None`` = the layer's channel count (compact). Paper: 1024.
-        clamp_alpha: soft clamp ``α`` (paper: 3).
-        input_norm: data-initialised per-channel affine before the blocks (not in the paper; see ``flows``).
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none). 16 for CS-Flow: the
-            highest validation pixel AUROC of σ 4 / 8 / 12 / 16 on the small-defect split of bottle, tire and
-            generated data.
-        score_blur_sigma: Gaussian smoothing (input pixels) of the map whose maximum is the image score
-            (0 = the plain maximum). 4 for CS-Flow: chosen (with the former per-position score) on the small-defect
-            validation of bottle, tire and generated data (``benchmarks/results/local_defect_validation.md``).
+    Arguments: as ``CSFlow``'s of the same name.
     """
 
     # eval batches run in passes of at most this many input pixels (16 images of 256², see ``inference_passes``)
@@ -133,15 +115,19 @@ class CSFlowModel(nn.Module):
     @flags_non_finite_frames
     def forward(self, images: torch.Tensor) -> InferenceBatch | tuple[list[torch.Tensor], torch.Tensor]:
         """Eval: ``InferenceBatch`` for images ``B×3×H×W``. Train: ``(latents, log|det J| B)``."""
-        features = [as_float32(feature) for feature in self.features(images)]  # flow in float32 under autocast
-        with float32_region(images.device.type):
-            if self.training:
-                return self.flow(features)
+        if not self.training:
             with torch.no_grad():
-                return self.scorer(self.log_likelihood_maps(self.flow(features)[0]), images.shape[-2:])
+                return self.scorer(self.likelihood_maps(images), images.shape[-2:])
+        return self.flow_outputs(images)
+
+    def flow_outputs(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(latents [B×C×h_l×w_l], log|det J| B)`` of images ``B×3×H×W``; the flow runs in float32 under autocast."""
+        features = [as_float32(feature) for feature in self.features(images)]
+        with float32_region(images.device.type):
+            return self.flow(features)
 
     def likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-scale maps ``B×h_l×w_l`` of images ``B×3×H×W`` (what the scorer combines)."""
-        features = [as_float32(feature) for feature in self.features(images)]
+        latents, _ = self.flow_outputs(images)
         with float32_region(images.device.type):
-            return self.log_likelihood_maps(self.flow(features)[0])
+            return self.log_likelihood_maps(latents)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -28,8 +27,6 @@ class FastFlow(FlowAnomalibModule):
     Args:
         backbone: any timm CNN (``features_only``) or ViT/DeiT/CaiT; anomalib's four are not a limit.
         layers: backbone layers, shallow to deep; ``None`` = first three stages (CNN) or the paper's block (ViT).
-        pre_trained: ImageNet weights (offline package or timm download; no silent random fallback).
-        backbone_weights: local backbone weights file (takes precedence over ``pre_trained``).
         flow_steps: coupling blocks per scale (paper: 8 for CNNs, 20 for transformers).
         conv3x3_only: 3×3 subnets only (paper's ResNet18 setting) instead of alternating 3×3/1×1.
         hidden_ratio: subnet hidden channels / input channels (paper: 1.0 CNNs, 0.16 transformers).
@@ -42,9 +39,8 @@ class FastFlow(FlowAnomalibModule):
         input_size: ``(H, W)`` the model is built for (its layer norms have the feature shapes of that size);
             ``None`` = a custom pre-processor's size, else the backbone's fixed size (ViTs), else 256×256.
             A checkpoint restores it, whatever the arguments the model was rebuilt with.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components (``True`` = default).
-        seed: seed Python, NumPy and torch before the model is built (``--model.seed`` on the CLI, which ignores
-            ``--seed_everything``); ``None`` leaves the random state alone.
+        pre_trained, backbone_weights, pre_processor, post_processor, evaluator, visualizer, seed: see
+            ``FlowAnomalibModule``.
     """
 
     def __init__(
@@ -68,29 +64,15 @@ class FastFlow(FlowAnomalibModule):
         visualizer: Visualizer | bool = True,
         seed: int | None = None,
     ) -> None:
-        super().__init__(
-            input_size=input_size,
-            seed=seed,
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(input_size=input_size, seed=seed, pre_processor=pre_processor,
+                         post_processor=post_processor, evaluator=evaluator, visualizer=visualizer)
         check_optimiser_settings(lr, weight_decay=weight_decay)
         if input_size is None and isinstance(pre_processor, PreProcessor):
             input_size = self.input_size
         self.model = FastFlowModel(
-            input_size=input_size,
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            flow_steps=flow_steps,
-            conv3x3_only=conv3x3_only,
-            hidden_ratio=hidden_ratio,
-            clamp=clamp,
-            map_log_det=map_log_det,
-            blur_sigma=blur_sigma,
+            input_size=input_size, backbone=backbone, layers=layers, pre_trained=pre_trained,
+            backbone_weights=backbone_weights, flow_steps=flow_steps, conv3x3_only=conv3x3_only,
+            hidden_ratio=hidden_ratio, clamp=clamp, map_log_det=map_log_det, blur_sigma=blur_sigma,
         )
         self.adopt_input_size(self.model.input_size)  # the default pre-processor follows (e.g. a ViT's size)
         self.hparams["layers"] = list(self.model.encoder.layers)
@@ -117,8 +99,3 @@ class FastFlow(FlowAnomalibModule):
             map_values = log_likelihood if self.model.map_log_det else self.model.log_likelihood_map(z, log_det)
             log_likelihoods.append(map_values)
         yield FlowLoss(loss, log_likelihoods)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping; no sanity validation (the scorer has no statistics before training)."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}

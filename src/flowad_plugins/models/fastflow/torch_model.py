@@ -17,14 +17,9 @@ from flowad_plugins.input_guard import checks_images, flags_non_finite_frames, v
 from flowad_plugins.precision import as_float32, float32_region
 from flowad_plugins.scoring import AnomalyScorer, gaussian_log_likelihood
 
-# The paper's transformer feature blocks (Yu et al. 2021, Table 6): DeiT block 7, CaiT block 40.
-PAPER_TRANSFORMER_LAYERS: dict[str, str] = {
-    "deit_base_distilled_patch16_384": "blocks.7",
-    "cait_m48_448": "blocks.40",
-}
+# The paper's transformer feature blocks (Yu et al. 2021, Table 6)
+PAPER_TRANSFORMER_LAYERS: dict[str, str] = {"deit_base_distilled_patch16_384": "blocks.7", "cait_m48_448": "blocks.40"}
 DEFAULT_INPUT_SIZE = (256, 256)
-# The backbone runs channels-last (see FeatureExtractor); the flows run on NCHW maps, where their channel split,
-# concatenation and permutation copy whole planes.
 
 
 def default_layers(backbone: str) -> list[str]:
@@ -50,25 +45,11 @@ def default_layers(backbone: str) -> list[str]:
 class FastFlowModel(nn.Module):
     """FastFlow (Yu et al. 2021) as a plain ``nn.Module``.
 
-    Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` built from the
-    real feature shape at ``input_size``; transformers: the backbone's own pretrained final norm), then
-    mapped to ``z`` by a 2D flow of affine coupling blocks with conv subnets (``flows.conv_flow``). The
-    per-position log-likelihood (per dimension, optionally with the per-position log-det) feeds the shared
-    ``AnomalyScorer``.
+    Features of each layer are normalised (CNNs: a trainable ``LayerNorm`` over ``C×h×w`` at ``input_size``;
+    transformers: the backbone's own final norm), then mapped to ``z`` by a 2D flow (``flows.conv_flow``). The
+    per-position log-likelihood (optionally with the per-position log-det) feeds the shared ``AnomalyScorer``.
 
-    Args:
-        input_size: ``(H, W)`` of the images; ``None`` = the backbone's fixed size, else 256×256.
-        backbone: any timm CNN with ``feature_info`` or a ViT/DeiT/CaiT.
-        layers: backbone layers, shallow to deep; ``None`` = ``default_layers(backbone)``.
-        pre_trained: ImageNet weights (offline package or timm download; see ``backbones``).
-        backbone_weights: local weights file for the backbone.
-        flow_steps: coupling blocks per scale.
-        conv3x3_only: 3×3 subnets in every step; otherwise 3×3 and 1×1 alternate.
-        hidden_ratio: hidden channels of a subnet = ``hidden_ratio`` × its input channels.
-        clamp: soft clamp ``α`` of the affine coupling.
-        map_log_det: include the per-position log-det in the anomaly map (training always uses it); on by
-            default: better localisation on validation data (benchmarks/fastflow_log_det.py).
-        blur_sigma: Gaussian smoothing of the anomaly map in input pixels (0 = none).
+    Arguments: as ``FastFlow``'s of the same name.
 
     Shapes: eval ``forward(B×3×H×W) -> InferenceBatch(pred_score B, anomaly_map B×1×H×W)``; train
     ``forward -> [(z_l B×C_l×h_l×w_l, log_det_l B×h_l×w_l)]``.
@@ -168,7 +149,7 @@ class FastFlowModel(nn.Module):
 
         Under autocast only the backbone runs in reduced precision; norms and flows stay float32.
         """
-        features = self.encoder(images)
+        features = self.encoder(images)  # channels-last; the flows run on NCHW, where channel splits copy whole planes
         with float32_region(images.device.type):
             return [flow(norm(as_float32(feature)).contiguous())
                     for flow, norm, feature in zip(self.flows, self.norms, features, strict=True)]
