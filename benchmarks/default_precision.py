@@ -143,7 +143,7 @@ def markdown(result: dict) -> str:
         "",
         "`marked` = the IR as `to_openvino` writes it (backbone and score tail float32, flow head in the CPU's fast "
         "precision); `tail` = only the score tail float32 (backbone and head in the fast precision); `unmarked` = "
-        "the same IR without the marks. `default` = compiled with no configuration; `f32` "
+        "no marks. `default` = compiled with no configuration; `f32` "
         f"= `INFERENCE_PRECISION_HINT=f32`. Pass: |Δ image AUROC| and |Δ pixel AUROC| ≤ {TOLERANCE} against torch.",
         "",
         "| model | px | IR | compiled | image AUROC (Δ) | pixel AUROC (Δ) | max \\|Δscore\\| | labels ≠ | pass | "
@@ -195,6 +195,8 @@ def main() -> None:
 
     command = "python benchmarks/default_precision.py " + " ".join(
         f"--ckpt {' '.join(f'{k}={Path(v).name}' for k, v in (c.split('=', 1) for c in args.ckpt))}".split())
+    if args.category != "bottle":
+        command += f" --root {args.root} --category {args.category}"
     result = {"category": args.category, "command": command, "note": args.note,
               "machine": {**machine_info(args.threads), "openvino": openvino.__version__},
               "models": [run_model(*spec.split("=", 1), args) for spec in args.ckpt]}
