@@ -92,8 +92,8 @@ README_BLOCKS = (
           output=("images scored",),
           files=("results/results.csv", "results/results.json", "results/overlays/*_overlay.png"),
           needs_checkpoint=True),
-    Block("thresholds_cli", "--model.post_processor.image_fpr 0.05",
-          replace=(("image_fpr 0.05", "image_fpr 0.1"),  # 16 normal validation images here: 10 % is the finest
+    Block("thresholds_cli", "--model.post_processor.image_fpr 0.01",
+          replace=(("image_fpr 0.01", "image_fpr 0.1"),  # 16 normal validation images here: 10 % is the finest
                    ("from_train --data.val_split_ratio 0.2", "from_train --data.val_split_ratio 0.5"),
                    ("--default_root_dir results_fpr", f"--default_root_dir results_fpr {TINY_CFLOW} {FAST_TRAINER} "
                                                       f"{FAST_FOLDER}")),
