@@ -170,12 +170,13 @@ def test_default_with_normal_only_validation_uses_default_rates(caplog: pytest.L
     few = FlowPostProcessor()
     scores = torch.randn(5, generator=generator)
     _feed(few, scores, _correlated_maps(5, generator), torch.zeros(5).bool())
-    # too few for an order statistic at 5 %: the 95 % quantile of a normal fitted to them, with a warning
+    # too few for an order statistic at 5 %: the Student-t 95 % prediction bound of a normal fitted to them
+    # (t₀.₉₅,₄ = 2.1318, × √1.2), with a warning
     report = few.threshold_report["image"]
     assert report["source"] == "fpr_gaussian"
-    assert report["raw_threshold"] == pytest.approx(float(scores.double().mean() + 1.6449 * scores.double().std()),
-                                                    abs=1e-3)
-    assert "mean + 1.64 std of 5 normal scores" in few.summary()
+    assert report["raw_threshold"] == pytest.approx(
+        float(scores.double().mean() + 2.1318 * 1.2 ** 0.5 * scores.double().std()), abs=1e-3)
+    assert "mean + 2.34 std of 5 normal scores" in few.summary()
     few.on_fit_end(None, None)
     assert "rests on only 5 normal validation images" in caplog.text
 

@@ -22,8 +22,9 @@ def threshold_summary(report: dict[str, Any]) -> str:
             continue
         if entry["source"] == "fpr_gaussian":
             line = (f"  {level}: false-alarm rate {entry['fpr']:.3%} (default) -> raw threshold "
-                    f"{entry['raw_threshold']:.6g} (mean + {_z(entry['fpr']):.2f} std of {entry['samples']} normal "
-                    f"scores: too few for an order statistic, which needs {entry['needed']})")
+                    f"{entry['raw_threshold']:.6g} (mean + {entry['std_multiplier']:.2f} std of {entry['samples']} "
+                    f"normal scores, a Student-t prediction bound: too few for an order statistic, which needs "
+                    f"{entry['needed']})")
         elif entry["source"] == "none":
             line = f"  {level}: no threshold (no normal validation images)"
         else:
@@ -42,10 +43,7 @@ def threshold_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _z(rate: float) -> float:
-    from scipy.stats import norm
 
-    return float(norm.ppf(1.0 - rate))
 
 
 def threshold_warnings(report: dict[str, Any]) -> list[str]:

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import torch
-from scipy.stats import norm
+from scipy.stats import t as student_t
 
 logger = logging.getLogger("flowad_plugins.post_processing")
 
@@ -75,12 +75,21 @@ def check_normal_image_counts(normal_images: int, image_fpr: float | None, pixel
         raise ValueError(msg)
 
 
+def gaussian_multiplier(samples: int, fpr: float) -> float:
+    """``t₁₋fpr,n−1·√(1 + 1/n)``: how many sample stds above the mean of ``n`` normal scores a new normal score
+    exceeds with probability ``fpr`` (Student-t prediction bound; the plug-in ``z₁₋fpr`` flags about twice the rate
+    at n = 5)."""
+    return float(student_t.ppf(1.0 - fpr, samples - 1)) * math.sqrt(1.0 + 1.0 / samples)
+
+
 def gaussian_threshold(normal_scores: torch.Tensor, fpr: float) -> float:
-    """``mean + z₁₋fpr·std`` of ``normal_scores`` (sample std): the rate-``fpr`` quantile of a fitted normal. For the
-    image threshold when too few images support the default rate (the highest of 5 scores flags about 1 in 6)."""
+    """``mean + gaussian_multiplier·std`` of ``normal_scores`` (sample std): the rate-``fpr`` prediction bound of a
+    fitted normal. For the image threshold when too few images support the default rate (the highest of 5 scores
+    flags about 1 in 6)."""
     values = normal_scores.detach().flatten().double()
-    spread = float(values.std()) if values.numel() > 1 else 0.0
-    return float(values.mean()) + float(norm.ppf(1.0 - fpr)) * spread
+    if values.numel() < 2:
+        return float(values.max())
+    return float(values.mean()) + gaussian_multiplier(values.numel(), fpr) * float(values.std())
 
 
 def level_threshold_report(
@@ -107,7 +116,8 @@ def level_threshold_report(
     samples = normal_values.numel()
     if level == "image" and requested is None and samples < required_normal_images(rate):
         entry.update(source="fpr_gaussian", fpr=rate, raw_threshold=gaussian_threshold(normal_values, rate),
-                     samples=samples, needed=required_normal_images(rate))
+                     samples=samples, needed=required_normal_images(rate),
+                     std_multiplier=gaussian_multiplier(samples, rate) if samples > 1 else 0.0)
         return entry
     threshold, rank = false_alarm_threshold(normal_values, rate, allow_fewer=requested is None)
     entry.update(source="fpr" if requested is not None else "fpr_default", fpr=rate, raw_threshold=threshold,
