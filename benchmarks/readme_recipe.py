@@ -116,6 +116,7 @@ def main() -> None:
     work = Path(mkdtemp(prefix="recipe_"))
     make_dataset(work / "my_part")
     path = args.out.with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = {row["model"]: row for row in (json.loads(path.read_text())["rows"] if path.exists() else [])}
     for name in args.models:
         rows[name] = recipe(name, work)
