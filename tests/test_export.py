@@ -158,7 +158,7 @@ def test_int8_compresses_the_flow_head_weights_and_keeps_the_backbone_float(
     """``CompressionType.INT8`` through ``Engine.export``: flow-head weights INT8, backbone convolutions float."""
     import openvino as ov
 
-    from flowad_plugins.export.onnx_graph import backbone_conv_count
+    from flowad_plugins.export.onnx_graph import backbone_layer_count
 
     model, engine = fitted("CflowAD")
     ir_path = engine.export(model, ExportType.OPENVINO, export_root=tmp_path / "int8w", input_size=(128, 128),
@@ -176,7 +176,7 @@ def test_int8_compresses_the_flow_head_weights_and_keeps_the_backbone_float(
                and op.input_value(1).get_node().get_type_name() != "Parameter"]
     # CflowAD's exported flow head runs as 1×1 convolutions (and MatMuls): INT8 weights; the backbone's stay float
     assert any(kind in {"u8", "i8"} for kind in convolutions + matmuls), (convolutions, matmuls)
-    assert sum(kind == "f32" for kind in convolutions) >= backbone_conv_count(model, (128, 128)), convolutions
+    assert sum(kind == "f32" for kind in convolutions) >= backbone_layer_count(model, (128, 128)), convolutions
     images = _test_images(synthetic_root)
     with torch.no_grad():
         reference = model(images)
@@ -346,3 +346,22 @@ def test_unsupported_options_raise_clear_errors(tmp_path: Path) -> None:
         openvino_config("int4")
     assert openvino_config("f32") == {"INFERENCE_PRECISION_HINT": "f32"}
     assert not list(tmp_path.iterdir()), "a refused export must not write files"
+
+
+def test_a_vit_backbone_ends_after_its_last_block_not_its_patch_embedding(tmp_path: Path) -> None:
+    """A ViT runs one convolution (the patch embedding) and then its blocks' linear layers: the head found in its
+    export starts after the last block, so the float32 marks and the INT8 scope keep every block in the backbone."""
+    import onnx
+
+    from flowad_plugins import FastFlow
+    from flowad_plugins.export.onnx_graph import backbone_layer_count, flow_head_names
+
+    model = FastFlow(backbone="deit_tiny_patch16_224", layers=["blocks.3"], pre_trained=False, flow_steps=2,
+                     hidden_ratio=0.16).eval()
+    assert backbone_layer_count(model, (224, 224)) == 1 + 4 * 4  # patch embedding; qkv, proj, fc1, fc2 per block
+    onnx_path = model.to_onnx(tmp_path, input_size=(224, 224))
+    head = flow_head_names(model, onnx_path, (224, 224))
+    attention = [node.name for node in onnx.load(str(onnx_path), load_external_data=False).graph.node
+                 if "attention" in node.name]
+    assert attention and not head & set(attention)
+    assert any(name.startswith("node_conv2d_") for name in head)  # the flow head's convolutions

@@ -2,7 +2,8 @@
 
 The exported graph runs the whole backbone before the flow head (all three models, and the dynamo exporter keeps
 that order): the head, scorer and post-processor are every image-dependent ONNX node after the backbone's last
-``Conv``. OpenVINO keeps the ONNX node names as its ops' friendly names, so an nncf ``IgnoredScope`` can name them.
+layer (a ``Conv``, or a ViT block's weighted ``MatMul``). OpenVINO keeps the ONNX node names as its ops' friendly
+names, so an nncf ``IgnoredScope`` can name them.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ if TYPE_CHECKING:
     from anomalib.models import AnomalibModule
 
 
-def backbone_conv_count(module: AnomalibModule, input_size: Sequence[int] | None = None) -> int:
-    """Convolutions the backbone (``module.model.encoder``) runs for one image (counted with forward hooks)."""
+def backbone_layer_count(module: AnomalibModule, input_size: Sequence[int] | None = None) -> int:
+    """Convolutions and linear layers the backbone (``module.model.encoder``) runs for one image (counted with
+    forward hooks): a CNN's convolutions, a ViT's patch embedding and its blocks' linear layers."""
     calls = []
     hooks = [layer.register_forward_hook(lambda *_: calls.append(1))
-             for layer in module.model.encoder.modules() if isinstance(layer, torch.nn.Conv2d)]
+             for layer in module.model.encoder.modules() if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear)]
     try:
         with torch.no_grad():
             module.eval()(torch.zeros(1, 3, *(input_size or (256, 256))))
@@ -35,19 +37,28 @@ def backbone_conv_count(module: AnomalibModule, input_size: Sequence[int] | None
     return len(calls)
 
 
-def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, str]:
-    """``{node name: op type}`` of the image-dependent ONNX nodes after the ``backbone_convs``-th ``Conv`` (flow
-    head, scorer, …). The exporter's per-node module paths are not reliable enough: FastFlow's head is attributed
-    to the encoder."""
+def _layer_positions(graph: Any) -> list[int]:
+    """Positions of the ONNX nodes a ``Conv2d`` or ``Linear`` becomes: every ``Conv``, and each ``MatMul``/``Gemm``
+    whose second input is a constant (attention's activation products are not layers)."""
+    constants = {initializer.name for initializer in graph.initializer}
+    constants |= {output for node in graph.node if node.op_type == "Constant" for output in node.output}
+    return [index for index, node in enumerate(graph.node) if node.op_type == "Conv"
+            or (node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in constants)]
+
+
+def float_tail_names(onnx_path: str | Path, backbone_layers: int) -> dict[str, str]:
+    """``{node name: op type}`` of the image-dependent ONNX nodes after the backbone's last layer, the
+    ``backbone_layers``-th (``backbone_layer_count``): flow head, scorer, …. The exporter's per-node module paths are
+    not reliable enough: FastFlow's head is attributed to the encoder."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     nodes = list(graph.node)
-    conv_positions = [index for index, node in enumerate(nodes) if node.op_type == "Conv"]
-    if backbone_convs < 1 or len(conv_positions) < backbone_convs:
-        msg = f"{onnx_path} has {len(conv_positions)} Conv nodes, fewer than the backbone's {backbone_convs}."
+    layer_positions = _layer_positions(graph)
+    if backbone_layers < 1 or len(layer_positions) < backbone_layers:
+        msg = f"{onnx_path} has {len(layer_positions)} layer nodes, fewer than the backbone's {backbone_layers}."
         raise ValueError(msg)
-    boundary = conv_positions[backbone_convs - 1]
+    boundary = layer_positions[backbone_layers - 1]
     # only nodes that depend on the image: weight-only subgraphs (e.g. folded flow weights) become constants in OpenVINO
     dynamic = {value.name for value in graph.input}
     depends_on_input = set()
@@ -60,7 +71,7 @@ def float_tail_names(onnx_path: str | Path, backbone_convs: int) -> dict[str, st
 
 def flow_head_names(module: AnomalibModule, onnx_path: str | Path, input_size: Sequence[int] | None = None) -> set[str]:
     """ONNX names of the flow head's nodes (everything image-dependent after the backbone) of ``module``'s export."""
-    return set(float_tail_names(onnx_path, backbone_conv_count(module, input_size)))
+    return set(float_tail_names(onnx_path, backbone_layer_count(module, input_size)))
 
 
 WEIGHTED_OPENVINO_OPS = ("Convolution", "GroupConvolution", "MatMul")
@@ -75,11 +86,11 @@ def constant_weight_size(op: Any) -> int:
     return int(np.prod(list(node.get_output_shape(0)))) if node.get_type_name() == "Constant" else 0
 
 
-def float_weights_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_convs: int) -> Any:
+def float_weights_scope(ov_model: ov.Model, onnx_path: str | Path, backbone_layers: int) -> Any:
     """``nncf.IgnoredScope`` of the weighted ops whose weights stay float: the backbone's and the tiny ones."""
     nncf = require("nncf", "Keeping the flow head in float during INT8 quantization")
 
-    tail = set(float_tail_names(onnx_path, backbone_convs))
+    tail = set(float_tail_names(onnx_path, backbone_layers))
     weighted = [op for op in ov_model.get_ops() if op.get_type_name() in WEIGHTED_OPENVINO_OPS]
     backbone = [op for op in weighted if op.get_friendly_name().split("/")[0] not in tail]
     if not backbone:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from flowad_plugins.edge.settings import static_input_size
 
 from .extras import require
-from .onnx_graph import backbone_conv_count, float_weights_scope
+from .onnx_graph import backbone_layer_count, float_weights_scope
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -44,5 +44,5 @@ def compress_flow_weights(module: AnomalibModule, ov_model: ov.Model, onnx_path:
     nncf = require("nncf", "compression_type=INT8 (weight compression)")
     size = static_input_size(ov_model)
     with onnx_export_of(module, size, onnx_path) as onnx_file:
-        scope = float_weights_scope(ov_model, onnx_file, backbone_conv_count(module, size))
+        scope = float_weights_scope(ov_model, onnx_file, backbone_layer_count(module, size))
     return nncf.compress_weights(ov_model, ignored_scope=scope)
