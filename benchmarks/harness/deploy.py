@@ -49,8 +49,8 @@ def config_model(path: str | Path, input_size: Sequence[int] | None = None,
     spec = yaml.safe_load(Path(path).read_text())["model"]
     kwargs = {key: value for key, value in spec["init_args"].items() if key not in TRAINING_ONLY}
     model_class = getattr(flowad_plugins, spec["class_path"].rsplit(".", 1)[-1])
-    size = input_size or kwargs.get("input_size") or _resize_size(spec["init_args"].get("pre_processor"))
-    size = tuple(size or model_class.DEFAULT_INPUT_SIZE)
+    configured = kwargs.get("input_size") or _resize_size(spec["init_args"].get("pre_processor"))
+    size = tuple(input_size or configured or model_class.DEFAULT_INPUT_SIZE)
     kwargs["input_size"] = size
     wanted = kwargs.get("pre_trained", True) if pre_trained is None else pre_trained
     try:
@@ -62,7 +62,7 @@ def config_model(path: str | Path, input_size: Sequence[int] | None = None,
         model = model_class(**{**kwargs, "pre_trained": False})
         weights = "random (ImageNet weights do not install offline)"
     info = {"config": Path(path).name, "model": model_class.__name__, "backbone": kwargs.get("backbone"),
-            "input_size": list(size), "config_input_size": list(kwargs.get("input_size") or size), "weights": weights}
+            "input_size": list(size), "config_input_size": list(configured or size), "weights": weights}
     return model.eval(), info
 
 
