@@ -42,17 +42,18 @@ class AnomalyScorer(nn.Module):
     probability domain as the papers do (the training mean in place of their batch maximum), returned as
     ``−log Σ_l p_l``; ``"standardized"`` (CS-Flow): ``(μ_l − log p_l)/σ_l``, upsampled and averaged.
 
-    The anomaly map combines ``map_scales`` smoothed by ``blur_sigma``. The image score is the maximum of the
-    unsmoothed combination of ``score_scales`` smoothed by ``score_blur_sigma``: the plain maximum, chosen over the
-    map standardised per position, which turned bf16 and ±2/255 brightness into false alarms (``docs/selection.md``).
+    The anomaly map combines every scale (``map_scales``), smoothed by ``blur_sigma``. The image score is the
+    maximum of the unsmoothed combination of ``score_scales`` smoothed by ``score_blur_sigma``: the plain maximum,
+    chosen over the map standardised per position, which turned bf16 and ±2/255 brightness into false alarms
+    (``docs/selection.md``).
 
     Args:
         num_scales: log-likelihood maps per image.
         aggregation: ``"likelihood"`` or ``"standardized"``.
         blur_sigma: Gaussian smoothing of the anomaly map, input pixels (0 = none).
         score_blur_sigma: Gaussian smoothing of the score map before its maximum, input pixels (0 = none).
-        map_scales: scales combined into the anomaly map (``None`` = all; negative = from the coarsest).
-        score_scales: scales combined into the map the image score is taken from (``None`` = all).
+        score_scales: scales combined into the map the image score is taken from (``None`` = all; negative = from
+            the coarsest).
     """
 
     AGGREGATIONS = ("standardized", "likelihood")
@@ -61,7 +62,7 @@ class AnomalyScorer(nn.Module):
     MIN_RELATIVE_LOG_LIKELIHOOD = -80.0
 
     def __init__(self, num_scales: int, aggregation: str, blur_sigma: float = 0.0, score_blur_sigma: float = 0.0,
-                 map_scales: Sequence[int] | None = None, score_scales: Sequence[int] | None = None) -> None:
+                 score_scales: Sequence[int] | None = None) -> None:
         super().__init__()
         if aggregation not in self.AGGREGATIONS:
             msg = f"aggregation must be one of {list(self.AGGREGATIONS)}, got {aggregation!r}."
@@ -69,7 +70,7 @@ class AnomalyScorer(nn.Module):
         self.aggregation = aggregation
         self.blur_sigma = _non_negative("blur_sigma", blur_sigma)
         self.score_blur_sigma = _non_negative("score_blur_sigma", score_blur_sigma)
-        self.map_scales = _scale_subset("map_scales", map_scales, num_scales)
+        self.map_scales = list(range(num_scales))
         self.score_scales = _scale_subset("score_scales", score_scales, num_scales)
         self.statistics = LikelihoodStatistics(num_scales)
         self._resample = MapResampler()
