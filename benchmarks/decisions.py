@@ -6,7 +6,8 @@ is trained (validation = 20 % of train/good + anomalib's synthetic anomalies, se
 - **validation study** (ours only; the evidence for the score and threshold defaults): the held-out normal images
   that anomalib turned into synthetic anomalies are normal images no threshold saw ("unseen normals"); each also gets
   every kind of local defect (``benchmarks/harness/local_defects.py``). Every image-score variant (per-position std
-  shrinkage ``λ`` and map jitter, see ``flowad_plugins.scoring.statistics``) is scored from the same forward passes,
+  shrinkage ``λ`` and map jitter, ``PositionStatistics``; the plain maximum of the map that the aggregation the model
+  does not ship combines, ``plain_max_<aggregation>``) is scored from the same forward passes,
   clean and under drift (±2/255 brightness, ±8 px shift in the model's input frame, bf16 backbone), with its
   thresholds set as the post-processor sets them: image AUROC, false-alarm rate and F1 at the false-alarm-rate
   threshold and at the F1-optimal threshold on anomalib's synthetic anomalies;
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.datasets import validation_split_datamodule
 from harness.local_defects import KINDS, add_local_defect
 from harness.machine import cpu_model
-from harness.models import build_model, default_input_side
+from harness.models import build_model, default_input_side, load_checkpoint
 
 from flowad_plugins.post_processing.thresholds import DEFAULT_IMAGE_FPR, level_threshold_report
 
@@ -51,7 +52,9 @@ ROWS = {
     "cflow_ad": ("configs/cflow_ad_efficientnet_lite0.yaml", None),
     "fastflow": ("configs/fastflow_efficientnet_lite0.yaml", None),
     "csflow": ("configs/csflow_efficientnet_lite0.yaml", None),
-    "anomalib_cflow": (None, {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}),
+    "anomalib_cflow": (None, ("anomalib.Cflow", {"backbone": "efficientnet_lite0",
+                                                 "layers": ["blocks.2", "blocks.4"]})),
+    "anomalib_fastflow": (None, ("anomalib.Fastflow", {"backbone": "efficientnet_lite0"})),
 }
 ANOMALIB_EPOCHS = 10
 # image-score variants: (per-position std shrinkage λ, map jitter as a share of the shorter side); None = plain max
@@ -61,6 +64,8 @@ VARIANTS: dict[str, tuple[float, float] | None] = {
     "shrink_1": (1.0, 0.0), "shrink_0.25_jitter64": (0.25, 1 / 64), "shrink_0.5_jitter64": (0.5, 1 / 64),
     "shrink_1_jitter64": (1.0, 1 / 64), "shrink_0.5_jitter32": (0.5, 1 / 32),
 }
+# plain-maximum variants that leave a border of the score map out (a share of the shorter side of the input)
+MARGINS = {"plain_max_margin1/32": 1 / 32, "plain_max_margin1/16": 1 / 16}
 BRIGHTNESS = 2 / 255
 SHIFT = 8
 CONDITIONS = ("clean", "bright+2", "bright-2", "shift+8", "shift-8", "bf16")
@@ -84,10 +89,32 @@ def autocast_for(condition: str):
 
 
 @torch.no_grad()
-def score_maps(model, inputs: torch.Tensor, condition: str) -> torch.Tensor:
-    """``B×1×H×W`` unsmoothed score maps of pre-processed ``inputs`` (the backbone in bf16 for ``"bf16"``)."""
+def maps_by_aggregation(model, inputs: torch.Tensor, condition: str) -> dict[str, torch.Tensor]:
+    """``{aggregation: B×1×H×W}``: the unsmoothed score maps of pre-processed ``inputs`` (the backbone in bf16 for
+    ``"bf16"``), from one forward pass, the scales combined by each of ``AnomalyScorer.AGGREGATIONS``."""
+    scorer = model.model.scorer
+    shipped = scorer.aggregation
     with autocast_for(condition):
-        return model.model.scorer.score_map(model.model.likelihood_maps(inputs), inputs.shape[-2:]).float()
+        log_likelihoods = model.model.likelihood_maps(inputs)
+    maps = {}
+    try:
+        for aggregation in scorer.AGGREGATIONS:
+            scorer.aggregation = aggregation
+            maps[aggregation] = scorer.score_map(log_likelihoods, inputs.shape[-2:]).float()
+    finally:
+        scorer.aggregation = shipped
+    return maps
+
+
+def score_maps(model, inputs: torch.Tensor, condition: str) -> torch.Tensor:
+    """The unsmoothed ``B×1×H×W`` score maps of the model's own aggregation (see ``maps_by_aggregation``)."""
+    return maps_by_aggregation(model, inputs, condition)[model.model.scorer.aggregation]
+
+
+def other_aggregation(model) -> str:
+    """The aggregation the model does not ship (the ``plain_max_<aggregation>`` variant of the study)."""
+    scorer = model.model.scorer
+    return next(name for name in scorer.AGGREGATIONS if name != scorer.aggregation)
 
 
 class PositionStatistics:
@@ -141,6 +168,18 @@ def variant_scores(model, maps: torch.Tensor, statistics: dict) -> dict[str, tor
     for name, fitted in statistics.items():
         standardised = maps if fitted is None else fitted.standardise(maps)
         scores[name] = scorer._resample.blur(standardised, scorer.score_blur_sigma).flatten(1).amax(dim=1)
+    return scores
+
+
+@torch.no_grad()
+def margin_scores(model, maps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain maximum of the smoothed score map without a border of each ``MARGINS`` share."""
+    scorer = model.model.scorer
+    smoothed = scorer._resample.blur(maps, scorer.score_blur_sigma)
+    scores = {}
+    for name, share in MARGINS.items():
+        margin = max(1, round(share * min(maps.shape[-2:])))
+        scores[name] = smoothed[..., margin:-margin, margin:-margin].flatten(1).amax(dim=1)
     return scores
 
 
@@ -247,7 +286,7 @@ def validation_study(model, data) -> dict:
                                      images, masks)
     per_condition = {condition: {k: v.numpy() for k, v in _scores(model, images, condition, statistics).items()}
                      for condition in CONDITIONS}
-    for name in VARIANTS:
+    for name in seen_scores:
         threshold = level_threshold_report("image", torch.as_tensor(seen_scores[name]), None, DEFAULT_IMAGE_FPR,
                                            None, len(seen))["raw_threshold"]
         f1_threshold = _f1_optimal(np.concatenate([seen_scores[name], synthetic_scores[name]]),
@@ -262,9 +301,18 @@ def validation_study(model, data) -> dict:
 
 
 def _scores(model, images: list[torch.Tensor], condition: str, statistics: dict) -> dict[str, torch.Tensor]:
-    parts = [variant_scores(model, score_maps(model, drifted(batch, condition, model.pre_processor), condition),
-                            statistics) for batch in batched(images)]
-    return {name: torch.cat([part[name] for part in parts]) for name in statistics}
+    """Every variant's image scores of ``images`` under ``condition``: the per-position variants of the shipped
+    map, and the plain maximum of the map the other aggregation combines."""
+    other = other_aggregation(model)
+    parts = []
+    for batch in batched(images):
+        maps = maps_by_aggregation(model, drifted(batch, condition, model.pre_processor), condition)
+        shipped = maps[model.model.scorer.aggregation]
+        part = variant_scores(model, shipped, statistics)
+        part |= variant_scores(model, maps[other], {f"plain_max_{other}": None})
+        part |= margin_scores(model, shipped)
+        parts.append(part)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def _f1_optimal(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -294,7 +342,7 @@ def test_readout(model, data, ours: bool) -> dict:
             inputs = drifted(images, condition, model.pre_processor)
             with autocast_for(condition):
                 prediction = model.model(inputs)
-            raw.append(prediction.pred_score.float())
+            raw.append(prediction.pred_score.float().reshape(-1))
             processed = post(prediction)
             outputs.append((processed.pred_score.float(), processed.pred_label, processed.pred_mask, images.shape))
         raw_scores = torch.cat(raw).numpy()
@@ -329,26 +377,37 @@ def _test_pixel_fpr_rule(model, data, items: list, masks: torch.Tensor) -> float
     return pixel_f1(maps, masks, threshold, scores > float(model.post_processor.image_threshold))
 
 
-def trained(row: str, category: str, max_minutes: float, batch_size: int, save_to: Path | None = None):
+def trained(row: str, category: str, max_minutes: float, batch_size: int, save_to: Path | None = None,
+            load_from: Path | None = None):
     seed_everything(0, workers=True)
-    config, init = ROWS[row]
+    config, anomalib_model = ROWS[row]
     if config is not None:
         loaded = yaml.safe_load((REPO / config).read_text())
         name = loaded["model"]["class_path"].rsplit(".", 1)[-1]
         init, epochs = dict(loaded["model"]["init_args"]), int(loaded["trainer"]["max_epochs"])
     else:
-        name, epochs = "anomalib.Cflow", ANOMALIB_EPOCHS
-    model = build_model(name, init, default_input_side(name), keep_anomalib_post_processor=config is None)
+        (name, init), epochs = anomalib_model, ANOMALIB_EPOCHS
     data = validation_split_datamodule(category, batch_size)
+    if load_from is not None and config is not None:  # a checkpoint this script saved: the same split, no training
+        model = load_checkpoint(name, load_from / f"{name}_{category}.ckpt", weights_only=False)
+        data.setup("fit")
+        data.setup("test")
+        return model.eval(), data, {"epochs_run": None, "epochs": epochs, "train_seconds": None,
+                                    "checkpoint": f"{name}_{category}.ckpt"}
+    model = build_model(name, init, default_input_side(name), keep_anomalib_post_processor=config is None)
     engine = Engine(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes})
     start = time.perf_counter()
     engine.fit(model=model, datamodule=data)
     info = {"epochs_run": engine.trainer.current_epoch, "epochs": epochs,
             "train_seconds": round(time.perf_counter() - start, 1)}
-    if save_to is not None and config is not None:
+    if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
-        engine.trainer.save_checkpoint(save_to / f"{name}_{category}.ckpt")
+        if config is not None:
+            engine.trainer.save_checkpoint(save_to / f"{name}_{category}.ckpt")
+        else:  # anomalib's classes do not reload offline (timm would fetch weights): its build and its state
+            torch.save({"name": name, "init": init, "state_dict": model.state_dict()},
+                       save_to / f"{name}_{category}.pt")
     data.setup("test")
     return model.eval(), data, info
 
@@ -399,8 +458,8 @@ def markdown(results: dict) -> str:
         for model in dict.fromkeys(row["row"] for row in studied):
             mine = [row for row in studied if row["row"] == model]
             names = ", ".join(row["category"] for row in mine)
-            for name in mine[0]["validation"]["variants"]:
-                per_row = [row["validation"]["variants"][name] for row in mine]
+            for name in dict.fromkeys(name for row in mine for name in row["validation"]["variants"]):
+                per_row = [row["validation"]["variants"][name] for row in mine if name in row["validation"]["variants"]]
 
                 def worst(variant: dict, conditions: tuple[str, ...]) -> float:
                     base = variant["clean"]["fpr_rule"]["false_alarm_rate"]
@@ -433,7 +492,10 @@ def main() -> None:
     parser.add_argument("--max-minutes", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decisions")
-    parser.add_argument("--save-checkpoints", type=Path, default=None, help="DIR/<Model>_<category>.ckpt (ours)")
+    parser.add_argument("--save-checkpoints", type=Path, default=None,
+                        help="DIR/<Model>_<category>.ckpt (ours), .pt (anomalib)")
+    parser.add_argument("--load-checkpoints", type=Path, default=None,
+                        help="DIR of --save-checkpoints: our rows load <Model>_<category>.ckpt instead of training")
     parser.add_argument("--validation-rows", nargs="*", default=["cflow_ad", "fastflow", "csflow"],
                         help="rows that also run the validation study (it costs 2-3 test read-outs)")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json only")
@@ -447,12 +509,16 @@ def main() -> None:
     for category in args.categories:
         for row in args.rows:
             print(f"== {row} on {category}", flush=True)
-            model, data, info = trained(row, category, args.max_minutes, args.batch_size, args.save_checkpoints)
+            model, data, info = trained(row, category, args.max_minutes, args.batch_size, args.save_checkpoints,
+                                        args.load_checkpoints)
             ours = not row.startswith("anomalib")
-            record = {"row": row, "category": category, **info,
-                      "command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:]),
-                      "test": test_readout(model, data, ours)}
             previous = next((r for r in results["rows"] if (r["row"], r["category"]) == (row, category)), {})
+            if "checkpoint" in info and "test" in previous:  # a loaded model: its training run's record stands
+                record = {**previous, "validation_command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:])}
+            else:
+                record = {"row": row, "category": category, **info,
+                          "command": "python benchmarks/decisions.py " + " ".join(sys.argv[1:]),
+                          "test": test_readout(model, data, ours)}
             if ours and row in args.validation_rows:
                 record["validation"] = validation_study(model, data)
             elif "validation" in previous:  # the study of an earlier run (it scores every variant itself)
