@@ -1,21 +1,20 @@
-r"""Ours against anomalib's exported graph, interleaved in one process: the edge speed ratios without drift.
+r"""Ours against anomalib's exported graph, interleaved in one process: the edge table of the README.
 
-The edge grid (``benchmark.py --edge``) runs every cell in its own process one after another, so a machine whose
-speed drifts between cells skews the ratios. Here each pair is exported once (each model through its own
-``to_openvino``: ours with its float32 marks, anomalib's as anomalib writes it; the backbone alone as the grid
-exports it), all four IRs are compiled in one process with no configuration but the thread count (the CPU's
-default precision), and their calls alternate round by round (``harness.timing.interleaved_wall_times``) at batch
-1 and 8. Also: multiply-adds per image (``torch.utils.flop_counter``) and the rate each graph reaches, against the
-rate of its own backbone alone, and the precision the CPU plugin chose.
+Each pair is exported once (each model through its own ``to_openvino``: ours with its float32 marks, anomalib's as
+anomalib writes it; each backbone alone, unmarked), and all four IRs are compiled in one process twice: with no
+configuration but the thread count (the CPU's default precision: bf16 where the CPU has AVX512-BF16 or AMX) and with
+``INFERENCE_PRECISION_HINT=f32``. The eight calls alternate round by round (``harness.timing.interleaved_wall_times``,
+the project's one latency definition) at batch 1 and 8. Also: multiply-adds per image (``torch.utils.flop_counter``),
+how many convolutions of each compiled graph run in float32, and a per-op profile of both whole graphs.
 
-Pairs: ``cflow``, ``fastflow``, ``csflow`` (the grid's pairs: the same efficientnet_lite0 configuration on both
-sides, ``harness.models``) and ``csflow-stock``: our CSFlow's shipped configuration
-(``configs/csflow_efficientnet_lite0.yaml``) against anomalib's Csflow as anomalib builds it (EfficientNet-B5 up to
-its 304-channel stage, subnet width 1024), at the same input size. Weights are random (the work done does not
-depend on them; B5's ImageNet weights do not install offline).
+Pairs, each at its shipped input side unless ``--image-size`` is given: ``cflow``, ``fastflow`` (256 px): the same
+efficientnet_lite0 configuration on both sides (``harness.models``); ``csflow`` (640 px): our CSFlow's shipped
+configuration (``configs/csflow_efficientnet_lite0.yaml``) against anomalib's Csflow on the same trunk, coupling
+blocks and width; ``csflow-stock`` (640 px): the same against anomalib's Csflow as anomalib builds it
+(EfficientNet-B5 up to its 304-channel stage, subnet width 1024). Weights are random (the work
+done does not depend on them; B5's ImageNet weights do not install offline).
 
-    OMP_NUM_THREADS=2 python benchmarks/edge_pairs.py --out benchmarks/results/edge_pairs
-    OMP_NUM_THREADS=2 python benchmarks/edge_pairs.py --pairs csflow-stock --image-size 640 --out ...
+    OMP_NUM_THREADS=2 python benchmarks/edge_pairs.py
 """
 
 from __future__ import annotations
@@ -40,25 +39,32 @@ STOCK_CSFLOW = {"backbone": "efficientnet_b5", "layer": "blocks.5"}  # anomalib'
 SHIPPED_CSFLOW = Path(__file__).resolve().parents[1] / "configs" / "csflow_efficientnet_lite0.yaml"
 SHIPPED_CSFLOW_ARCHITECTURE = ("backbone", "layer", "num_scales", "coupling_blocks", "kernel_sizes", "hidden_channels",
                                "clamp_alpha")
-PAIRS = ("cflow", "fastflow", "csflow", "csflow-stock")
+PAIR_SIZES = {"cflow": 256, "fastflow": 256, "csflow": 640, "csflow-stock": 640}  # each model's shipped side
 GRAPHS = ("ours", "anomalib", "ours backbone", "anomalib backbone")
+HINTS = ("default", "f32")
 
 
 def build_pair_models(pair: str, size: int) -> tuple[Any, Any, str]:
     """(ours, anomalib's) Lightning modules of ``pair`` at ``size``² input, random weights, and a description."""
-    if pair == "csflow-stock":  # each side as it ships: our CSFlow's config, anomalib's Csflow defaults
+    if pair in ("csflow", "csflow-stock"):  # ours as shipped; anomalib's on the same trunk and width, or as it ships
         init = yaml.safe_load(SHIPPED_CSFLOW.read_text())["model"]["init_args"]
         init = {key: value for key, value in init.items() if key in SHIPPED_CSFLOW_ARCHITECTURE}
         ours = build_model("CSFlow", init, size, real_weights=False)
+        width = init["hidden_channels"] or ours.model.encoder.channels[0]
+        ours_text = f"ours as shipped ({SHIPPED_CSFLOW.name}: {init['backbone']} {init['layer']}, width {width})"
+        if pair == "csflow":
+            theirs = build_model("anomalib.Csflow", {"backbone": init["backbone"], "layer": init["layer"],
+                                                     "n_coupling_blocks": init["coupling_blocks"],
+                                                     "cross_conv_hidden_channels": width,
+                                                     "clamp": init["clamp_alpha"]}, size, real_weights=False)
+            return ours.eval(), theirs.eval(), f"{ours_text} vs anomalib.Csflow on the same trunk, blocks and width"
         theirs = build_model("anomalib.Csflow", STOCK_CSFLOW, size, real_weights=False)
-        settings = (f"ours as shipped ({SHIPPED_CSFLOW.name}: {init['backbone']} {init['layer']}, width = its "
-                    "channels) vs anomalib.Csflow as shipped: EfficientNet-B5 blocks.5 (304 ch), width 1024")
-        return ours.eval(), theirs.eval(), settings
+        return ours.eval(), theirs.eval(), (f"{ours_text} vs anomalib.Csflow as shipped: EfficientNet-B5 blocks.5 "
+                                            "(304 ch), width 1024")
     ours_spec, theirs_spec = pair_of(pair)
     ours = build_benchmark_model(ours_spec.name, size)
     theirs = build_benchmark_model(theirs_spec.name, size)
-    settings = ours_spec.settings
-    return ours.eval(), theirs.eval(), settings
+    return ours.eval(), theirs.eval(), ours_spec.settings
 
 
 def export_pair(ours: Any, theirs: Any, size: int, folder: Path) -> tuple[dict[str, Path], dict[str, int]]:
@@ -86,8 +92,9 @@ def float32_convolutions(compiled: Any) -> str:
 
 
 def time_pair(xmls: dict[str, Path], size: int, threads: int, repeats: int, batches: list[int]) -> dict[str, Any]:
-    """Median ms per call of the four IRs at each batch size, interleaved (``None`` and the error where an IR does
-    not compile at that batch size), and how many convolutions of each run in float32."""
+    """Median ms per call of the four IRs at both precisions and each batch size, interleaved, keyed
+    ``"<graph>/<hint>"`` (``None`` and the error where an IR does not compile at that batch size), and how many
+    convolutions of each run in float32 at the default precision."""
     import numpy as np
     import openvino as ov
 
@@ -99,36 +106,63 @@ def time_pair(xmls: dict[str, Path], size: int, threads: int, repeats: int, batc
         for label in GRAPHS:
             model = core.read_model(xmls[label])
             model.reshape({model.input(0).get_any_name(): [batch, 3, size, size]})
-            try:
-                compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": str(threads),
-                                                             "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"})
-            except RuntimeError as error:  # e.g. anomalib's Csflow backbone: a batch-1 Interpolate in its graph
-                result["errors"][f"{label} b{batch}"] = str(error).strip().splitlines()[-1][:300]
-                continue
-            request = compiled.create_infer_request()
-            result.setdefault("float32_convolutions", {})[label] = float32_convolutions(compiled)
-            calls.append(lambda request=request, images=images: request.infer({0: images}))
-            labels.append(label)
+            for hint in HINTS:
+                config = {"INFERENCE_NUM_THREADS": str(threads), "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY"}
+                if hint != "default":
+                    config["INFERENCE_PRECISION_HINT"] = hint
+                try:
+                    compiled = core.compile_model(model, "CPU", config)
+                except RuntimeError as error:  # e.g. anomalib's Csflow backbone: a batch-1 Interpolate in its graph
+                    result["errors"][f"{label}/{hint} b{batch}"] = str(error).strip().splitlines()[-1][:300]
+                    continue
+                request = compiled.create_infer_request()
+                if hint == "default":
+                    result.setdefault("float32_convolutions", {})[label] = float32_convolutions(compiled)
+                calls.append(lambda request=request, images=images: request.infer({0: images}))
+                labels.append(f"{label}/{hint}")
         times = interleaved_wall_times(calls, warmup=3, repeats=repeats)
-        result[f"b{batch}"] = {label: None for label in GRAPHS}
-        result[f"b{batch}"].update({label: round(median_ms(t), 3) for label, t in zip(labels, times,
-                                                                                                  strict=True)})
+        result[f"b{batch}"] = {f"{label}/{hint}": None for label in GRAPHS for hint in HINTS}
+        result[f"b{batch}"].update({label: round(median_ms(t), 3) for label, t in zip(labels, times, strict=True)})
     return result
 
 
-def ratios(row: dict[str, Any], batch: int) -> dict[str, float | None]:
-    """Speed-up of ours over anomalib's, and each graph's multiply-add rate ÷ its backbone's (per image)."""
-    ms = row[f"b{batch}"]
+def op_profiles(xmls: dict[str, Path], size: int, threads: int, calls: int = 10, top: int = 6) -> dict[str, Any]:
+    """Per whole graph at the default precision, batch 1: the ``top`` node types by OpenVINO's own time per call
+    (ms; ``PERF_COUNT``, compiled apart from the timed graphs) and the precision each type ran in."""
+    import numpy as np
+    import openvino as ov
 
-    def rate(label: str) -> float | None:
-        return None if ms[label] is None else row["multiply_adds"][label] * batch / (ms[label] / 1000)
+    core = ov.Core()
+    image = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    profiles = {}
+    for label in ("ours", "anomalib"):
+        compiled = core.compile_model(xmls[label], "CPU", {"INFERENCE_NUM_THREADS": str(threads), "PERF_COUNT": "YES"})
+        request = compiled.create_infer_request()
+        request.infer({0: image})
+        totals: dict[str, float] = {}
+        precisions: dict[str, set[str]] = {}
+        for _ in range(calls):
+            request.infer({0: image})
+            for info in request.profiling_info:
+                totals[info.node_type] = totals.get(info.node_type, 0.0) + info.real_time.total_seconds() * 1000
+                precisions.setdefault(info.node_type, set()).add(info.exec_type.rsplit("_", 1)[-1])
+        ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+        profiles[label] = [{"op": op, "ms": round(total / calls, 3), "precisions": sorted(precisions[op])}
+                           for op, total in ranked]
+    return profiles
+
+
+def ratios(row: dict[str, Any], batch: int) -> dict[str, dict[str, float | None]]:
+    """Per precision: speed-up of ours over anomalib's, and each whole graph's time ÷ its backbone's alone."""
+    ms = row[f"b{batch}"]
 
     def ratio(numerator: float | None, denominator: float | None) -> float | None:
         return None if numerator is None or denominator is None else round(numerator / denominator, 3)
 
-    return {"speedup": ratio(ms["anomalib"], ms["ours"]),
-            "ours_rate_vs_backbone": ratio(rate("ours"), rate("ours backbone")),
-            "anomalib_rate_vs_backbone": ratio(rate("anomalib"), rate("anomalib backbone"))}
+    return {hint: {"speedup": ratio(ms[f"anomalib/{hint}"], ms[f"ours/{hint}"]),
+                   "ours_vs_backbone": ratio(ms[f"ours/{hint}"], ms[f"ours backbone/{hint}"]),
+                   "anomalib_vs_backbone": ratio(ms[f"anomalib/{hint}"], ms[f"anomalib backbone/{hint}"])}
+            for hint in HINTS}
 
 
 def _cell(value: float | None, suffix: str = "") -> str:
@@ -139,29 +173,38 @@ def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     flags = ", ".join(flag for flag, present in machine["isa_flags"].items() if present) or "none"
     lines = [
-        "# Ours vs anomalib's exported graph, interleaved in one process (OpenVINO, CPU default precision)", "",
+        "# Ours vs anomalib's exported graph, interleaved in one process (OpenVINO CPU)", "",
         f"Machine: {machine['cpu']} (ISA: {flags}), {result['threads']} threads, OpenVINO "
         f"{machine['versions'].get('openvino')}. Command: `{result['command']}`", "",
-        "ms per call (median of interleaved rounds); speed-up = anomalib ms ÷ ours ms; rate = multiply-adds per "
-        "second, ÷ that of the same model's backbone alone (exported unmarked, so it runs at the CPU's default "
-        "precision). Ours keeps its backbone and score tail float32 inside the whole graph (second table).", "",
-        "| pair | px | batch | ours ms | anomalib ms | speed-up | ours backbone ms | anomalib backbone ms | "
-        "ours rate ÷ backbone | anomalib rate ÷ backbone |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ms per call (median of interleaved rounds); `default` = compiled with no configuration (the CPU's default "
+        "precision), `f32` = `INFERENCE_PRECISION_HINT=f32`; speed-up = anomalib ms ÷ ours ms; ÷ backbone = the whole "
+        "graph's ms ÷ its backbone's alone (exported unmarked) at the same precision. Ours keeps its backbone and "
+        "score tail float32 inside the whole graph (second table).", "",
+        "| pair | px | batch | precision | ours ms | anomalib ms | speed-up | ours backbone ms | anomalib backbone ms "
+        "| ours ÷ backbone | anomalib ÷ backbone |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["pairs"]:
         for batch in result["batch_sizes"]:
-            ms, r = row[f"b{batch}"], row["ratios"][f"b{batch}"]
-            lines.append(f"| {row['pair']} | {row['image_size']} | {batch} | {_cell(ms['ours'])} | "
-                         f"{_cell(ms['anomalib'])} | {_cell(r['speedup'], '×')} | {_cell(ms['ours backbone'])} | "
-                         f"{_cell(ms['anomalib backbone'])} | {_cell(r['ours_rate_vs_backbone'])} | "
-                         f"{_cell(r['anomalib_rate_vs_backbone'])} |")
+            for hint in HINTS:
+                ms, r = row[f"b{batch}"], row["ratios"][f"b{batch}"][hint]
+                lines.append(f"| {row['pair']} | {row['image_size']} | {batch} | {hint} | "
+                             f"{_cell(ms[f'ours/{hint}'])} | {_cell(ms[f'anomalib/{hint}'])} | "
+                             f"{_cell(r['speedup'], '×')} | "
+                             f"{_cell(ms[f'ours backbone/{hint}'])} | {_cell(ms[f'anomalib backbone/{hint}'])} | "
+                             f"{_cell(r['ours_vs_backbone'])} | {_cell(r['anomalib_vs_backbone'])} |")
     lines += ["", "| pair | settings | G multiply-adds per image: ours / anomalib / ours backbone | "
-                  "float32 convolutions at run time: ours / anomalib |", "|---|---|---|---|"]
+                  "float32 convolutions at the default precision: ours / anomalib |", "|---|---|---|---|"]
     for row in result["pairs"]:
         m, p = row["multiply_adds"], row["float32_convolutions"]
         lines.append(f"| {row['pair']} | {row['settings']} | {m['ours'] / 1e9:.3f} / {m['anomalib'] / 1e9:.3f} / "
                      f"{m['ours backbone'] / 1e9:.3f} | {p['ours']} / {p['anomalib']} |")
+    lines += ["", "Per-op profile, batch 1, default precision (OpenVINO's time per call by node type, ms, and the "
+                  "precision it ran in):", "", "| pair | graph | top node types |", "|---|---|---|"]
+    for row in result["pairs"]:
+        for label, ops in row.get("profiles", {}).items():
+            cells = ", ".join(f"{op['op']} {op['ms']:.2f} ({'/'.join(op['precisions'])})" for op in ops)
+            lines.append(f"| {row['pair']} | {label} | {cells} |")
     errors = [f"- {row['pair']}, {key}: `{message}`" for row in result["pairs"]
               for key, message in row["errors"].items()]
     if errors:
@@ -171,27 +214,28 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--pairs", nargs="+", choices=list(PAIR_SIZES), default=list(PAIR_SIZES))
+    parser.add_argument("--image-size", type=int, default=None, help="default: each pair's shipped input side")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20, help="interleaved timed rounds per batch size")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timed rounds per batch size")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/edge_pairs"))
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    command = f"OMP_NUM_THREADS={args.threads} python benchmarks/edge_pairs.py --pairs {' '.join(args.pairs)} " \
-              f"--image-size {args.image_size} --repeats {args.repeats}"
+    command = " ".join([f"OMP_NUM_THREADS={args.threads} python benchmarks/edge_pairs.py", *sys.argv[1:]])
     result = {"command": command, "threads": args.threads, "batch_sizes": args.batch_sizes,
               "machine": machine_info(args.threads), "pairs": []}
     for pair in track(args.pairs, description="pairs"):
         torch.manual_seed(0)
-        ours, theirs, settings = build_pair_models(pair, args.image_size)
+        size = args.image_size or PAIR_SIZES[pair]
+        ours, theirs, settings = build_pair_models(pair, size)
         with TemporaryDirectory() as folder:
-            xmls, macs = export_pair(ours, theirs, args.image_size, Path(folder))
-            row = {"pair": pair, "image_size": args.image_size, "settings": settings, "multiply_adds": macs,
-                   **time_pair(xmls, args.image_size, args.threads, args.repeats, args.batch_sizes)}
+            xmls, macs = export_pair(ours, theirs, size, Path(folder))
+            row = {"pair": pair, "image_size": size, "settings": settings, "multiply_adds": macs,
+                   **time_pair(xmls, size, args.threads, args.repeats, args.batch_sizes),
+                   "profiles": op_profiles(xmls, size, args.threads)}
         row["ratios"] = {f"b{batch}": ratios(row, batch) for batch in args.batch_sizes}
         result["pairs"].append(row)
         print(pair, json.dumps(row["ratios"]), flush=True)

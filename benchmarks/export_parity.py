@@ -78,16 +78,23 @@ def latency_ms(run, image: torch.Tensor, repeats: int, warmup: int = 5) -> float
     return round(latency, 2)
 
 
+def _image_maps(maps: np.ndarray) -> np.ndarray:
+    """``B×H×W`` anomaly maps from ours (``B×1×H×W``) or anomalib's (``B×H×W``)."""
+    return maps[:, 0] if maps.ndim == 4 else maps
+
+
 def evaluate(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None, masks: torch.Tensor,
              labels: torch.Tensor) -> dict:
     """AUROCs of ``outputs`` and, given the torch ``reference``, their parity figures."""
-    scores, maps = outputs["pred_score"].reshape(-1), outputs["anomaly_map"][:, 0]
+    scores, maps = outputs["pred_score"].reshape(-1), _image_maps(outputs["anomaly_map"])
     result = {
         "image_AUROC": round(float(roc_auc_score(labels.numpy(), scores)), 5),
         "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), maps.ravel())), 5),
+        "false_alarms": int(outputs["pred_label"].reshape(-1).astype(bool)[~labels.numpy().astype(bool)].sum()),
+        "normal_images": int((~labels.numpy().astype(bool)).sum()),
     }
     if reference is not None:
-        reference_maps = reference["anomaly_map"][:, 0]
+        reference_maps = _image_maps(reference["anomaly_map"])
         map_range = float(reference_maps.max() - reference_maps.min())
         label_differences = int((outputs["pred_label"].reshape(-1).astype(bool)
                                  != reference["pred_label"].reshape(-1).astype(bool)).sum())

@@ -19,37 +19,58 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 
 
+EDGE_PAIR_MODELS = {"cflow": "CflowAD", "fastflow": "FastFlow", "csflow": "CSFlow (Csflow on its trunk)",
+                    "csflow-stock": "CSFlow (stock Csflow)"}
+
+
 def edge_readme_rows(result: dict[str, Any]) -> list[str]:
-    """README edge rows of a ``benchmark.py --edge`` result: ms per call (f32 hint, plugin default) ours vs
-    anomalib's, and both IR sizes in MB."""
-    ratios = {(r["ours"], r["backend"], r["batch_size"]): r for r in result["ratios"] if r["device"] == "cpu"}
+    """README edge rows of an ``edge_pairs.py`` result: ms per call ours vs anomalib's at the default precision and
+    with the f32 hint, the speed-ups, and our whole graph ÷ its backbone alone at the default precision."""
+
+    def ms(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    def ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
     rows = []
-    for ours, theirs in (("CflowAD", "anomalib.Cflow"), ("FastFlow", "anomalib.Fastflow"),
-                         ("CSFlow", "anomalib.Csflow")):
-        for batch in sorted({key[2] for key in ratios if key[0] == ours and key[1] == "openvino-fp32"}):
-            f32, default = ratios[(ours, "openvino-fp32", batch)], ratios[(ours, "openvino-default", batch)]
-            exports = [result["models"][name]["sizes"][str(f32["image_size"])]["export"] for name in (ours, theirs)]
-            sizes = [export.get("model", export)["bytes"]["openvino-fp32"] / 1e6 for export in exports]
-            rows.append(f"| {ours} | {batch} | {f32['latency_ms'][0]:.1f} | {f32['latency_ms'][1]:.1f} | "
-                        f"{default['latency_ms'][0]:.1f} | {default['latency_ms'][1]:.1f} | "
-                        f"{sizes[0]:.1f} / {sizes[1]:.1f} |")
+    for row in result["pairs"]:
+        if row["pair"] not in EDGE_PAIR_MODELS:
+            continue
+        for batch in result["batch_sizes"]:
+            times, ratios = row[f"b{batch}"], row["ratios"][f"b{batch}"]
+            rows.append(f"| {EDGE_PAIR_MODELS[row['pair']]} | {row['image_size']} | {batch} | "
+                        f"{ms(times['ours/default'])} | {ms(times['anomalib/default'])} | "
+                        f"{ratio(ratios['default']['speedup'])} | {ms(times['ours/f32'])} | "
+                        f"{ms(times['anomalib/f32'])} | {ratio(ratios['f32']['speedup'])} | "
+                        f"{ratio(ratios['default']['ours_vs_backbone'])} |")
     return rows
+
+
+def alarms(row: dict[str, Any]) -> str:
+    """``"false alarms/normal images"`` of a ``default_precision.py`` row."""
+    return f"{row['false_alarms']}/{row['normal_images']}"
 
 
 def default_precision_rows(result: dict[str, Any]) -> list[str]:
     """docs/export.md rows of a ``default_precision.py`` result: the shipped (marked) IR at the default precision
-    against torch, latencies at the default precision and with the f32 hint, and the tail-only and unmarked IRs."""
+    against torch, latencies at the default precision and with the f32 hint, and the IRs with the backbone (and
+    head) in the fast precision."""
     rows = []
     for model in result["models"]:
+        if model["model"].startswith("anomalib."):
+            continue
         variants = {(row["variant"], row["precision"]): row for row in model["rows"]}
         marked, hinted = variants[("marked", "default")], variants[("marked", "f32")]
-        tail, unmarked = variants[("tail", "default")], variants[("unmarked", "default")]
-        rows.append(f"| {model['model']} | {model['image_size']} | {marked['image_AUROC_delta']:+.4f} / "
-                    f"{marked['pixel_AUROC_delta']:+.4f} | {marked['label_differences']} | {marked['latency_ms_b1']} / "
-                    f"{marked['latency_ms_b8']} | {hinted['latency_ms_b1']} / {hinted['latency_ms_b8']} | "
-                    f"{tail['image_AUROC_delta']:+.4f} / {tail['pixel_AUROC_delta']:+.4f} | {tail['latency_ms_b1']} / "
-                    f"{tail['latency_ms_b8']} | {unmarked['image_AUROC_delta']:+.4f} / "
-                    f"{unmarked['pixel_AUROC_delta']:+.4f} |")
+        cells = [f"| {model['model']} | {model['image_size']} | {alarms(model['rows'][0])} | "
+                 f"{marked['image_AUROC_delta']:+.4f} / {marked['pixel_AUROC_delta']:+.4f}, {alarms(marked)} | "
+                 f"{marked['label_differences']} | {marked['latency_ms_b1']} / {marked['latency_ms_b8']} | "
+                 f"{hinted['latency_ms_b1']} / {hinted['latency_ms_b8']} |"]
+        for name in ("backbone", "tail"):
+            row = variants[(name, "default")]
+            cells.append(f" {row['image_AUROC_delta']:+.4f} / {row['pixel_AUROC_delta']:+.4f}, {alarms(row)} | "
+                         f"{row['latency_ms_b1']} / {row['latency_ms_b8']} |")
+        rows.append("".join(cells))
     return rows
 
 
@@ -76,8 +97,8 @@ class MarkedTable:
 
 TABLES = (
     MarkedTable("accuracy", "README.md", "<!-- accuracy table -->", "<!-- end accuracy table -->", _accuracy_rows),
-    MarkedTable("edge", "README.md", "<!-- edge table: benchmarks/results/bench/edge.json -->",
-                "<!-- end edge table -->", lambda: edge_readme_rows(_json("benchmarks/results/bench/edge.json"))),
+    MarkedTable("edge", "README.md", "<!-- edge table: benchmarks/results/edge_pairs.json -->",
+                "<!-- end edge table -->", lambda: edge_readme_rows(_json("benchmarks/results/edge_pairs.json"))),
     MarkedTable("default precision", "docs/export.md",
                 "<!-- default precision table: benchmarks/results/default_precision.json -->",
                 "<!-- end default precision table -->",
