@@ -240,19 +240,26 @@ def test_readme_block_runs(entry: Block, workdir: Path, block_runs: dict[str, tu
 
 
 def edge_table_rows(result_file: Path) -> list[str]:
-    """README edge-speed rows: OpenVINO ms per call (f32 hint, plugin default) ours vs anomalib, and IR sizes."""
+    """README edge-speed rows of an ``edge_pairs.py`` result: per pair and batch, ms per call ours vs anomalib at the
+    default precision and with the f32 hint, the speed-ups, and ours ÷ its backbone alone at the default."""
     result = json.loads(result_file.read_text())
-    ratios = {(r["ours"], r["backend"], r["batch_size"]): r for r in result["ratios"] if r["device"] == "cpu"}
+    names = {"cflow": "CflowAD", "fastflow": "FastFlow", "csflow": "CSFlow (Csflow on its trunk)",
+             "csflow-stock": "CSFlow (stock Csflow)"}
+
+    def ms(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    def times(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
     rows = []
-    pairs = (("CflowAD", "anomalib.Cflow"), ("FastFlow", "anomalib.Fastflow"), ("CSFlow", "anomalib.Csflow"))
-    for ours, theirs in pairs:
-        for batch in sorted({key[2] for key in ratios if key[0] == ours and key[1] == "openvino-fp32"}):
-            f32, default = ratios[(ours, "openvino-fp32", batch)], ratios[(ours, "openvino-default", batch)]
-            exports = [result["models"][name]["sizes"][str(f32["image_size"])]["export"] for name in (ours, theirs)]
-            sizes = [export.get("model", export)["bytes"]["openvino-fp32"] / 1e6 for export in exports]
-            rows.append(f"| {ours} | {batch} | {f32['latency_ms'][0]:.1f} | {f32['latency_ms'][1]:.1f} | "
-                        f"{default['latency_ms'][0]:.1f} | {default['latency_ms'][1]:.1f} | "
-                        f"{sizes[0]:.1f} / {sizes[1]:.1f} |")
+    for pair in result["pairs"]:
+        for batch in result["batch_sizes"]:
+            m, r = pair[f"b{batch}"], pair["ratios"][f"b{batch}"]
+            rows.append(f"| {names[pair['pair']]} | {pair['image_size']} | {batch} | {ms(m['ours/default'])} | "
+                        f"{ms(m['anomalib/default'])} | {times(r['default']['speedup'])} | {ms(m['ours/f32'])} | "
+                        f"{ms(m['anomalib/f32'])} | {times(r['f32']['speedup'])} | "
+                        f"{times(r['default']['ours_vs_backbone'])} |")
     return rows
 
 

@@ -64,7 +64,7 @@ def normal_images(root: str, category: str, size: int, every: int) -> torch.Tens
 def outputs(xml: Path, images_npy: Path, folder: Path) -> dict[str, np.ndarray]:
     """The IR's outputs on ``images_npy``, compiled with no configuration in a fresh process."""
     out = folder / f"{xml.stem}_{images_npy.stem}.npz"
-    subprocess.run([sys.executable, str(Path(__file__).with_name("default_precision.py")), "--worker", str(xml),
+    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "default_precision.py"), "--worker", str(xml),
                     "default", str(images_npy), str(out)], check=True, capture_output=True)
     stored = dict(np.load(out))
     stored.pop("effective_precision")
