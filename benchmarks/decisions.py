@@ -38,6 +38,8 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.datasets import validation_split_datamodule
@@ -377,8 +379,31 @@ def _test_pixel_fpr_rule(model, data, items: list, masks: torch.Tensor) -> float
     return pixel_f1(maps, masks, threshold, scores > float(model.post_processor.image_threshold))
 
 
+class RandomReflectShift(v2.Transform):
+    """Training augmentation: shift the frame (image and mask) by up to ``max_shift`` px along each axis, the uncovered
+    border reflected (the ``shift±8`` drift, drawn at random)."""
+
+    def __init__(self, max_shift: int) -> None:
+        super().__init__()
+        self.max_shift = int(max_shift)
+
+    def make_params(self, flat_inputs: list) -> dict:
+        del flat_inputs
+        dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,)).tolist()
+        return {"dy": dy, "dx": dx}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        m, dy, dx = self.max_shift, params["dy"], params["dx"]
+        x = inpt.as_subclass(torch.Tensor)
+        planes = x.reshape(1, -1, *x.shape[-2:]).float()
+        padded = F.pad(planes, (m, m, m, m), mode="reflect")
+        height, width = x.shape[-2:]
+        shifted = padded[..., m - dy: m - dy + height, m - dx: m - dx + width].reshape(x.shape).to(x.dtype)
+        return tv_tensors.wrap(shifted, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else shifted
+
+
 def trained(row: str, category: str, max_minutes: float, batch_size: int, save_to: Path | None = None,
-            load_from: Path | None = None):
+            load_from: Path | None = None, train_shift: int = 0):
     seed_everything(0, workers=True)
     config, anomalib_model = ROWS[row]
     if config is not None:
@@ -388,6 +413,8 @@ def trained(row: str, category: str, max_minutes: float, batch_size: int, save_t
     else:
         (name, init), epochs = anomalib_model, ANOMALIB_EPOCHS
     data = validation_split_datamodule(category, batch_size)
+    if train_shift:
+        data.train_augmentations = RandomReflectShift(train_shift)
     if load_from is not None and config is not None:  # a checkpoint this script saved: the same split, no training
         model = load_checkpoint(name, load_from / f"{name}_{category}.ckpt", weights_only=False)
         data.setup("fit")
@@ -399,7 +426,7 @@ def trained(row: str, category: str, max_minutes: float, batch_size: int, save_t
                     default_root_dir=Path(mkdtemp()), max_time={"minutes": max_minutes})
     start = time.perf_counter()
     engine.fit(model=model, datamodule=data)
-    info = {"epochs_run": engine.trainer.current_epoch, "epochs": epochs,
+    info = {"epochs_run": engine.trainer.current_epoch, "epochs": epochs, "train_shift": train_shift,
             "train_seconds": round(time.perf_counter() - start, 1)}
     if save_to is not None:
         save_to.mkdir(parents=True, exist_ok=True)
@@ -494,6 +521,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "decisions")
     parser.add_argument("--save-checkpoints", type=Path, default=None,
                         help="DIR/<Model>_<category>.ckpt (ours), .pt (anomalib)")
+    parser.add_argument("--train-shift", type=int, default=0,
+                        help="train with random shifts of up to this many px of the dataset frame (RandomReflectShift)")
     parser.add_argument("--load-checkpoints", type=Path, default=None,
                         help="DIR of --save-checkpoints: our rows load <Model>_<category>.ckpt instead of training")
     parser.add_argument("--validation-rows", nargs="*", default=["cflow_ad", "fastflow", "csflow"],
@@ -510,7 +539,7 @@ def main() -> None:
         for row in args.rows:
             print(f"== {row} on {category}", flush=True)
             model, data, info = trained(row, category, args.max_minutes, args.batch_size, args.save_checkpoints,
-                                        args.load_checkpoints)
+                                        args.load_checkpoints, args.train_shift)
             ours = not row.startswith("anomalib")
             previous = next((r for r in results["rows"] if (r["row"], r["category"]) == (row, category)), {})
             if "checkpoint" in info and "test" in previous:  # a loaded model: its training run's record stands
