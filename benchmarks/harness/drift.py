@@ -28,6 +28,18 @@ SHIFT = 8
 CONDITIONS = ("clean", "bright+2", "bright-2", "shift+8", "shift-8", "bf16")
 
 
+def reflect_shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` (``…×H×W``, any dtype) with its content moved by ``dy``, ``dx`` px, the uncovered border reflected."""
+    margin = max(abs(dy), abs(dx))
+    if margin == 0:
+        return x
+    planes = x.reshape(1, -1, *x.shape[-2:]).float()
+    padded = F.pad(planes, (margin, margin, margin, margin), mode="reflect")
+    height, width = x.shape[-2:]
+    window = padded[..., margin - dy: margin - dy + height, margin - dx: margin - dx + width]
+    return window.reshape(x.shape).to(x.dtype)
+
+
 def drifted(images: torch.Tensor, condition: str, pre_processor) -> torch.Tensor:
     """``images`` (``B×3×H×W`` in [0, 1], the dataset's own frame) drifted, then pre-processed: brightness ±2/255, or
     a shift by ±8 px of the frame along both axes (the uncovered border reflected)."""
@@ -35,9 +47,7 @@ def drifted(images: torch.Tensor, condition: str, pre_processor) -> torch.Tensor
         images = (images + (BRIGHTNESS if condition.endswith("+2") else -BRIGHTNESS)).clamp(0, 1)
     if condition.startswith("shift"):
         step = SHIFT if condition.endswith("+8") else -SHIFT
-        padded = F.pad(images, (SHIFT, SHIFT, SHIFT, SHIFT), mode="reflect")
-        height, width = images.shape[-2:]
-        images = padded[..., SHIFT - step: SHIFT - step + height, SHIFT - step: SHIFT - step + width]
+        images = reflect_shift(images, step, step)
     return pre_processor(images)
 
 
@@ -154,10 +164,5 @@ class RandomReflectShift(v2.Transform):
         return {"dy": dy, "dx": dx}
 
     def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
-        m, dy, dx = self.max_shift, params["dy"], params["dx"]
-        x = inpt.as_subclass(torch.Tensor)
-        planes = x.reshape(1, -1, *x.shape[-2:]).float()
-        padded = F.pad(planes, (m, m, m, m), mode="reflect")
-        height, width = x.shape[-2:]
-        shifted = padded[..., m - dy: m - dy + height, m - dx: m - dx + width].reshape(x.shape).to(x.dtype)
+        shifted = reflect_shift(inpt.as_subclass(torch.Tensor), params["dy"], params["dx"])
         return tv_tensors.wrap(shifted, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else shifted
